@@ -1,0 +1,59 @@
+"""bnkit: BatchNorm that behaves the way people think it does.
+
+The public API is re-exported here and imported lazily, so ``import bnkit`` stays fast and optional extras
+(rich, tensorboard, matplotlib, scikit-learn) are only imported by the features that need them.
+
+Example:
+    >>> import bnkit, torch
+    >>> bn = bnkit.BatchNorm(8)
+    >>> bn(torch.randn(4, 8, 5, 5)).shape
+    torch.Size([4, 8, 5, 5])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (one concept per module; see docs/architecture.md)
+_EXPORTS: dict[str, str] = {
+    "BatchNorm": "bnkit.layers.batchnorm",
+    "Renorm": "bnkit.layers.renorm",
+    "is_batchnorm": "bnkit.layers.find",
+    "named_batchnorms": "bnkit.layers.find",
+    "freeze": "bnkit.tools.freeze",
+    "unfreeze": "bnkit.tools.freeze",
+    "convert": "bnkit.tools.convert",
+    "fuse": "bnkit.tools.fuse",
+    "recalibrate": "bnkit.tools.recalibrate",
+    "sync_running_stats": "bnkit.tools.sync_stats",
+    "explain": "bnkit.inspection.explain",
+    "summary": "bnkit.inspection.summary",
+    "doctor": "bnkit.inspection.doctor",
+    "shift": "bnkit.inspection.shift",
+    "Monitor": "bnkit.monitor.monitor",
+    "plot": "bnkit.monitor.plot",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bnkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # static re-exports for type checkers and IDEs
+    from bnkit.layers.batchnorm import BatchNorm
+    from bnkit.layers.find import is_batchnorm, named_batchnorms
+    from bnkit.layers.renorm import Renorm

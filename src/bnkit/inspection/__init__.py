@@ -1,0 +1,1 @@
+"""Inspection built on layers and tools: explain, summary, doctor, shift."""

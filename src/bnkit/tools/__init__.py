@@ -1,0 +1,1 @@
+"""Model-level tools built on the layers: freeze, convert, fuse, recalibrate, distributed statistics."""
