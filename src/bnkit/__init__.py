@@ -54,6 +54,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static re-exports for type checkers and IDEs
-    from bnkit.layers.batchnorm import BatchNorm
-    from bnkit.layers.find import is_batchnorm, named_batchnorms
-    from bnkit.layers.renorm import Renorm
+    from bnkit.layers.batchnorm import BatchNorm as BatchNorm
+    from bnkit.layers.find import is_batchnorm as is_batchnorm
+    from bnkit.layers.find import named_batchnorms as named_batchnorms
+    from bnkit.layers.renorm import Renorm as Renorm

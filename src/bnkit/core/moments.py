@@ -18,8 +18,8 @@ __all__ = [
     "Moments",
     "channel_moments",
     "ghost_moments",
-    "merge_moments",
     "merge_all",
+    "merge_moments",
     "reduction_dims",
     "variance",
 ]
@@ -55,7 +55,8 @@ def reduction_dims(ndim: int, axis: int) -> tuple[int, ...]:
 def channel_moments(x: Tensor, dims: Sequence[int], mask: Tensor | None = None) -> Moments:
     """Stable moments of ``x`` over ``dims`` (the remaining dimension is the channel).
 
-    Without a mask it uses ``torch.var_mean`` (Welford/two-pass inside the kernel). With a boolean ``mask``
+    Without a mask it uses ``torch.var_mean`` (Welford/two-pass inside the kernel); an empty input gives
+    count 0, mean 0 and m2 0. With a boolean ``mask``
     (``x``'s shape, or broadcastable to it) only positions where the mask is True count; a channel with no
     unmasked value gets count 0, mean 0 and m2 0 (no NaN). Differentiable with respect to ``x``.
 
@@ -70,8 +71,12 @@ def channel_moments(x: Tensor, dims: Sequence[int], mask: Tensor | None = None) 
         count = 1
         for d in dims:
             count *= x.shape[d]
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
         count_t = torch.tensor(float(count), dtype=x.dtype, device=x.device)
+        if count == 0:
+            # An empty batch contributes nothing; sum() keeps the result attached to x's graph.
+            zeros = x.sum(dim=dims)
+            return Moments(count_t, zeros, zeros.clone())
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
         return Moments(count_t, mean, var * count)
     weights = mask.to(x.dtype).expand_as(x)
     count = weights.sum(dim=dims)

@@ -18,7 +18,7 @@ __all__ = [
 
 #: How tools choose layers: None (all), a glob on the qualified name (``"layer1.*"``), a module type or tuple
 #: of types, a predicate ``(name, module) -> bool``, or an iterable of names/globs.
-LayerSelector = Union[None, str, type, tuple, Callable[[str, nn.Module], bool], Iterable[str]]
+LayerSelector = Union[None, str, type, tuple, Callable[[str, nn.Module], bool], Iterable[str]]  # noqa: UP007
 
 
 def is_batchnorm(module: nn.Module) -> bool:
