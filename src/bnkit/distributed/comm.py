@@ -1,0 +1,204 @@
+"""Process-group helpers: who takes part, bounded waits, and the error raised when ranks disagree.
+
+This package is the only part of bnkit that imports ``torch.distributed``. Everything here is a no-op (world
+size 1) when ``torch.distributed`` is unavailable or not initialised, so single-process code never pays for it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "SyncMismatchError",
+    "configure",
+    "get_rank",
+    "get_world_size",
+    "is_active",
+    "sync_options",
+]
+
+_ISSUE = "every rank must call every synchronised BatchNorm the same number of times, in the same order"
+
+
+class SyncMismatchError(RuntimeError):
+    """Ranks disagree about which synchronised layer they are in, or a rank never arrived.
+
+    Raised instead of hanging (pytorch#44957). The message names the layer this rank was in.
+
+    Example:
+        >>> isinstance(SyncMismatchError("bn1: ranks disagree"), RuntimeError)
+        True
+    """
+
+
+# Process-wide settings; the environment gives the defaults so torchrun jobs can set them without code changes.
+_OPTIONS: dict[str, Any] = {
+    "timeout": float(os.environ["BNKIT_SYNC_TIMEOUT"]) if os.environ.get("BNKIT_SYNC_TIMEOUT") else None,
+    "check_shapes": os.environ.get("BNKIT_SYNC_CHECK_SHAPES", "0") not in ("", "0", "false", "False"),
+}
+_UNSET: Any = object()
+
+
+def configure(*, timeout: float | None = _UNSET, check_shapes: bool = _UNSET) -> dict[str, Any]:
+    """Set how synchronised layers wait and check; returns the previous settings (for restoring).
+
+    Args:
+        timeout: Seconds a rank waits in one synchronised collective before raising
+            :class:`SyncMismatchError` naming the layer; ``None`` uses the process group's own timeout
+            (30 min for gloo by default). Environment default: ``BNKIT_SYNC_TIMEOUT``.
+        check_shapes: Before each synchronised forward, gather a 3-number header (layer tag, call number,
+            size) so that ranks in layers of different widths fail with a clear error instead of a backend
+            abort. Costs one extra tiny collective per layer; meant for debugging.
+            Environment default: ``BNKIT_SYNC_CHECK_SHAPES=1``.
+
+    Returns:
+        The settings before the call, as a dict accepted back by ``configure(**previous)``.
+
+    Example:
+        >>> previous = configure(timeout=60.0)
+        >>> _ = configure(**previous)
+    """
+    previous = dict(_OPTIONS)
+    if timeout is not _UNSET:
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"bnkit.distributed.configure: timeout must be > 0 seconds or None. Received: {timeout}")
+        _OPTIONS["timeout"] = None if timeout is None else float(timeout)
+    if check_shapes is not _UNSET:
+        _OPTIONS["check_shapes"] = bool(check_shapes)
+    return previous
+
+
+@contextmanager
+def sync_options(*, timeout: float | None = _UNSET, check_shapes: bool = _UNSET) -> Iterator[None]:
+    """Temporarily :func:`configure` synchronised layers inside a ``with`` block.
+
+    Example:
+        >>> with sync_options(timeout=30.0):
+        ...     pass
+    """
+    previous = configure(timeout=timeout, check_shapes=check_shapes)
+    try:
+        yield
+    finally:
+        configure(**previous)
+
+
+def get_world_size(group: Any = None) -> int:
+    """World size of ``group``, or 1 when ``torch.distributed`` is unavailable or not initialised.
+
+    Example:
+        >>> get_world_size()
+        1
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def get_rank(group: Any = None) -> int:
+    """Rank of this process in ``group``, or 0 when ``torch.distributed`` is not initialised.
+
+    Example:
+        >>> get_rank()
+        0
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_rank(group)
+
+
+def is_active(group: Any = None) -> bool:
+    """True when statistics must be synchronised: ``torch.distributed`` initialised and more than one rank.
+
+    Example:
+        >>> is_active()
+        False
+    """
+    return get_world_size(group) > 1
+
+
+# ---------------------------------------------------------------------------------------------- internals
+
+
+def _wait(work: Any, what: str) -> None:
+    timeout = _OPTIONS["timeout"]
+    try:
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout=datetime.timedelta(seconds=timeout))
+    except RuntimeError as error:
+        limit = f"{timeout:g} s" if timeout is not None else "the process group's timeout"
+        raise SyncMismatchError(
+            f"{what}: no answer from the other ranks within {limit} ({error}); {_ISSUE} "
+            "(pytorch#44957). A rank that skips a layer should call it on an empty batch, or use sync=False there"
+        ) from error
+
+
+def all_gather(tensor: Tensor, group: Any, what: str) -> Tensor:
+    """``[world, *tensor.shape]``: every rank's ``tensor``, with a bounded wait that names ``what``."""
+    world = dist.get_world_size(group)
+    flat = tensor.contiguous().reshape(-1)
+    backend = dist.get_backend(group)
+    if backend == "gloo":
+        # Gloo's single-tensor all-gather is newer than the list form; the list form works on every version.
+        parts = [torch.empty_like(flat) for _ in range(world)]
+        _wait(dist.all_gather(parts, flat, group=group, async_op=True), what)
+        return torch.stack(parts).reshape(world, *tensor.shape)
+    out = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
+    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    _wait(gather_single(out, flat, group=group, async_op=True), what)
+    return out.reshape(world, *tensor.shape)
+
+
+def all_reduce_sum(tensor: Tensor, group: Any, what: str) -> Tensor:
+    """In-place sum of ``tensor`` over the ranks of ``group`` with a bounded wait that names ``what``."""
+    _wait(dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True), what)
+    return tensor
+
+
+def broadcast(tensor: Tensor, src_rank: int, group: Any, what: str) -> Tensor:
+    """In-place broadcast from the group rank ``src_rank`` with a bounded wait that names ``what``."""
+    src = src_rank if group is None else dist.get_global_rank(group, src_rank)
+    _wait(dist.broadcast(tensor, src=src, group=group, async_op=True), what)
+    return tensor
+
+
+def tag_of(layer_name: str, call: int) -> int:
+    """A stable 16-bit fingerprint of (layer, call number), identical on every rank (unlike ``hash``)."""
+    return zlib.crc32(f"{layer_name}#{call}".encode()) & 0xFFFF
+
+
+_CALLS: dict[tuple[int, str], int] = {}
+
+
+def next_call(group: Any, layer_name: str) -> int:
+    """Number this call of ``layer_name`` on ``group`` (0, 1, 2, ...) so ranks can compare call counts."""
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    key = (id(pg), layer_name)
+    call = _CALLS.get(key, 0)
+    _CALLS[key] = call + 1
+    return call
+
+
+def reset_call_counts() -> None:
+    """Forget the per-layer call numbers (after a failed step, before all ranks restart in step)."""
+    _CALLS.clear()
+
+
+def mismatch(what: str, call: int, ranks: list[int]) -> SyncMismatchError:
+    """The error for ranks found in a different layer or call than this one."""
+    return SyncMismatchError(
+        f"{what}: this rank (rank {get_rank()}) is in call {call} of this layer but rank(s) {ranks} are in a "
+        f"different synchronised layer or call; {_ISSUE} (pytorch#44957). A rank that would skip a layer should "
+        "call it on an empty batch instead, or use sync=False for that layer"
+    )

@@ -1,0 +1,266 @@
+"""Cross-rank merges of per-channel :class:`~bnkit.core.moments.Moments`: exact, and differentiable for SyncBN.
+
+Every rank contributes its exact ``(count, mean, m2)`` triple and every rank merges all of them the same way
+(in float64, as Chan's formula for many parts: ``mean = sum(n_r mean_r) / N``,
+``m2 = sum(m2_r) + sum(n_r (mean_r - mean)^2)``), so all ranks end with bitwise identical statistics.
+PyTorch's SyncBatchNorm exchanges ``(mean, invstd)`` instead and rebuilds the variance as
+``1 / invstd^2 - eps``, which loses the variance when it is far below ``eps``; the triples do not.
+
+Ranks with an empty batch (count 0) contribute nothing but still take part in every collective.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bnkit.core.moments import Moments
+from bnkit.distributed import comm
+
+__all__ = ["SyncMoments", "merge_gathered", "reduce_moments", "sync_moments"]
+
+
+def merge_gathered(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge stacked per-rank triples (rank on dim 0) exactly in float64; returns ``(count, mean, m2)``.
+
+    ``counts`` is ``[world, 1]`` or ``[world, C]``; ``means`` and ``m2s`` are ``[world, C]``. Parts with count 0
+    are ignored even if their mean or m2 is NaN; an all-empty merge gives count 0, mean 0, m2 0.
+
+    Example:
+        >>> n, mean, m2 = merge_gathered(torch.tensor([[2.0], [0.0]]), torch.tensor([[1.0], [9.0]]),
+        ...                              torch.tensor([[2.0], [float("nan")]]))
+        >>> float(n), float(mean), float(m2)
+        (2.0, 1.0, 2.0)
+    """
+    n = counts.double()
+    present = n > 0
+    means = torch.where(present, means.double(), torch.zeros((), dtype=torch.float64, device=means.device))
+    m2s = torch.where(present, m2s.double(), torch.zeros((), dtype=torch.float64, device=m2s.device))
+    total = n.sum(0)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    mean = (n / safe * means).sum(0)
+    delta = means - mean
+    m2 = m2s.sum(0) + (n * delta * delta).sum(0)
+    return total, mean, m2
+
+
+@torch.no_grad()
+def reduce_moments(moments: Moments, group: Any = None) -> Moments:
+    """Merge this rank's :class:`Moments` with every other rank's (no gradient); every rank gets the same result.
+
+    The exact Chan merge of the ``(count, mean, m2)`` triples of all ranks of ``group``: the statistics of the
+    union of the ranks' data. Ranks with count 0 contribute nothing. Without an initialised process group, or
+    with world size 1, ``moments`` is returned unchanged and nothing is communicated. ``count`` may be a 0-d
+    tensor or per channel; shapes and dtypes must agree across ranks (checked with one tiny header exchange,
+    so a mismatch raises instead of aborting the backend).
+
+    Args:
+        moments: This rank's statistics (any dtype; merged in float64, returned in ``moments.mean.dtype``).
+        group: Process group (default: the world).
+
+    Returns:
+        The global statistics, shaped like ``moments``.
+
+    Raises:
+        SyncMismatchError: The ranks' shapes or call sequences differ, or a rank never arrived in time.
+
+    Example:
+        >>> from bnkit.core.moments import channel_moments
+        >>> m = channel_moments(torch.randn(16, 3), (0,))
+        >>> reduce_moments(m) is m  # not distributed: nothing to merge
+        True
+    """
+    if not comm.is_active(group):
+        return moments
+    count, mean, m2 = moments
+    if mean.shape != m2.shape:
+        raise ValueError(
+            f"reduce_moments: mean and m2 must have the same shape; got {tuple(mean.shape)} and {tuple(m2.shape)}"
+        )
+    what = "bnkit.distributed.reduce_moments"
+    call = comm.next_call(group, what)
+    dtype = mean.dtype
+    count_flat = count.detach().to(dtype).reshape(-1)
+    header = torch.tensor(
+        [comm.tag_of(what, call), count_flat.numel(), mean.numel(), torch.finfo(dtype).bits],
+        dtype=torch.int64,
+        device=mean.device,
+    )
+    headers = comm.all_gather(header, group, what)
+    bad = [r for r in range(headers.shape[0]) if not torch.equal(headers[r], header)]
+    if bad:
+        if any(int(headers[r, 0]) != int(header[0]) for r in bad):
+            raise comm.mismatch(what, call, bad)
+        raise comm.SyncMismatchError(
+            f"{what}: ranks {bad} sent statistics of another shape or dtype (this rank: count {count_flat.numel()}, "
+            f"{mean.numel()} channels, {dtype}); every rank must reduce the same layers in the same order"
+        )
+    payload = torch.cat([count_flat, mean.detach().reshape(-1), m2.detach().reshape(-1)])
+    gathered = comm.all_gather(payload, group, what)
+    k, c = count_flat.numel(), mean.numel()
+    total, mu, big_m2 = merge_gathered(gathered[:, :k], gathered[:, k : k + c], gathered[:, k + c :])
+    return Moments(
+        total.to(count.dtype if count.is_floating_point() else dtype).reshape(count.shape),
+        mu.to(dtype).reshape(mean.shape),
+        big_m2.to(dtype).reshape(m2.shape),
+    )
+
+
+def _tag_slots(channels: int) -> list[int]:
+    # Positions whose sign is free: the count and every m2 (all >= 0). Up to 16 of them carry the call tag.
+    return [0, *range(1 + channels, 1 + 2 * channels)][:16]
+
+
+def _sign_encode(payload: Tensor, tag: int, slots: list[int]) -> Tensor:
+    signs = torch.tensor(
+        [-1.0 if (tag >> i) & 1 else 1.0 for i in range(len(slots))], dtype=payload.dtype, device=payload.device
+    )
+    index = torch.tensor(slots, device=payload.device)
+    payload[index] = torch.copysign(payload[index].abs(), signs)
+    return payload
+
+
+def _sign_decode(gathered: Tensor, slots: list[int]) -> Tensor:
+    index = torch.tensor(slots, device=gathered.device)
+    bits = torch.signbit(gathered[:, index]).to(torch.int64)
+    weights = torch.tensor([1 << i for i in range(len(slots))], dtype=torch.int64, device=gathered.device)
+    return (bits * weights).sum(1)
+
+
+class SyncMoments(torch.autograd.Function):
+    """Autograd function: global ``(count, mean, m2)`` from this rank's, one collective each way.
+
+    Forward: one ``all_gather`` of ``[count, mean, m2]`` (``world * (2C + 1)`` numbers, the same as PyTorch's
+    SyncBatchNorm), exact merge. The sign bits of the count and of the m2 entries (all non-negative) carry a
+    16-bit fingerprint of (layer name, call number), so ranks that are in different layers of the same width
+    fail at once with :class:`SyncMismatchError` instead of mixing statistics, at no extra bytes.
+    Backward: one ``all_reduce`` of the ``2C`` gradients with respect to the global mean and m2 (every rank's
+    loss depends on them), then the local chain rule: ``d mean / d mean_r = n_r / N``,
+    ``d m2 / d mean_r = 2 n_r (mean_r - mean)``, ``d m2 / d m2_r = 1``.
+
+    Use :func:`sync_moments`, which skips all of this when there is nothing to synchronise.
+
+    Example:
+        >>> SyncMoments.apply  # doctest: +ELLIPSIS
+        <...>
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, count: Tensor, mean: Tensor, m2: Tensor, group: Any, layer_name: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        channels = mean.numel()
+        dtype = mean.dtype
+        n_local = count.detach().to(dtype).reshape(1)
+        present = n_local > 0
+        zero = torch.zeros((), dtype=dtype, device=mean.device)
+        # An empty batch has NaN moments; it must contribute nothing, and NaN * 0 is still NaN.
+        mean_local = torch.where(present, mean.detach().reshape(-1), zero)
+        m2_local = torch.where(present, m2.detach().reshape(-1), zero)
+        call = comm.next_call(group, layer_name)
+        tag = comm.tag_of(layer_name, call)
+        if comm._OPTIONS["check_shapes"]:
+            _check_headers(group, layer_name, call, tag, channels, dtype, mean.device)
+        slots = _tag_slots(channels)
+        tag &= (1 << len(slots)) - 1
+        payload = _sign_encode(torch.cat([n_local, mean_local, m2_local]), tag, slots)
+        gathered = comm.all_gather(payload, group, layer_name)
+        tags = _sign_decode(gathered, slots)
+        bad = (tags != tag).nonzero().flatten().tolist()
+        if bad:
+            raise comm.mismatch(layer_name, call, bad)
+        gathered = gathered.clone()
+        gathered[:, 0] = gathered[:, 0].abs()
+        gathered[:, 1 + channels :] = gathered[:, 1 + channels :].abs()
+        total, mu, big_m2 = merge_gathered(
+            gathered[:, :1], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
+        )
+        ctx.group = group
+        ctx.layer_name = layer_name
+        ctx.shape = mean.shape
+        ctx.save_for_backward(n_local.double(), mean_local.double(), total, mu)
+        out_count = total.to(count.dtype if count.is_floating_point() else dtype).reshape(count.shape)
+        ctx.mark_non_differentiable(out_count)
+        return out_count, mu.to(dtype).reshape(mean.shape), big_m2.to(dtype).reshape(m2.shape)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_count: Tensor | None, grad_mean: Tensor, grad_m2: Tensor
+    ) -> tuple[None, Tensor, Tensor, None, None]:
+        n_local, mean_local, total, mu = ctx.saved_tensors
+        dtype = grad_mean.dtype
+        # Every rank's loss depends on the global statistics: sum their gradients (2C numbers, one collective).
+        combined = torch.cat([grad_mean.reshape(-1), grad_m2.reshape(-1)]).contiguous()
+        comm.all_reduce_sum(combined, ctx.group, f"{ctx.layer_name} (backward)")
+        g_mean, g_m2 = combined.double().chunk(2)
+        if float(n_local) > 0:
+            share = n_local / total
+            d_mean = g_mean * share + g_m2 * (2.0 * n_local) * (mean_local - mu)
+            d_m2 = g_m2
+        else:
+            d_mean = torch.zeros_like(g_mean)
+            d_m2 = torch.zeros_like(g_m2)
+        return None, d_mean.to(dtype).reshape(ctx.shape), d_m2.to(dtype).reshape(ctx.shape), None, None
+
+
+def _check_headers(
+    group: Any, layer_name: str, call: int, tag: int, channels: int, dtype: torch.dtype, device: torch.device
+) -> None:
+    header = torch.tensor([tag, call, channels, torch.finfo(dtype).bits], dtype=torch.int64, device=device)
+    headers = comm.all_gather(header, group, f"{layer_name} (shape check)")
+    bad = [r for r in range(headers.shape[0]) if not torch.equal(headers[r], header)]
+    if bad:
+        raise comm.mismatch(layer_name, call, bad)
+
+
+def sync_moments(local: Moments, *, group: Any = None, layer_name: str = "BatchNorm") -> Moments:
+    """Global batch statistics of all ranks, differentiable with respect to this rank's mean and m2.
+
+    Given this rank's ``(count, mean, m2)`` (computed with autograd; the batch may be empty), returns the
+    statistics of the union of all ranks' batches. The caller computes the biased variance as
+    ``m2 / count``. One ``all_gather`` in forward and, if gradients are needed, one ``all_reduce`` in backward
+    (see :class:`SyncMoments`); every rank must call it for the same layers in the same order, and a rank
+    that does not is detected (same-width layers, at once) or times out (see :func:`configure`) with a
+    :class:`SyncMismatchError` naming ``layer_name``.
+
+    Without an initialised process group, or with world size 1, returns ``local`` itself and communicates
+    nothing. Callers decide the mode: call it only in training (PyTorch's SyncBatchNorm never synchronises
+    in eval, even with ``track_running_stats=False``).
+
+    Args:
+        local: This rank's statistics; ``count`` is a 0-d tensor or the same value for every channel.
+        group: Process group (default: the world).
+        layer_name: Used in error messages and in the cross-rank call check; give each layer its own.
+
+    Returns:
+        Global :class:`Moments` with the shapes of ``local``.
+
+    Raises:
+        ValueError: ``count`` differs between channels (not a BatchNorm batch).
+        SyncMismatchError: Ranks are in different layers or calls, or a rank never arrived in time.
+
+    Example:
+        >>> from bnkit.core.moments import channel_moments
+        >>> local = channel_moments(torch.randn(8, 4, requires_grad=True), (0,))
+        >>> sync_moments(local, layer_name="bn1") is local  # not distributed
+        True
+    """
+    if not comm.is_active(group):
+        return local
+    count, mean, m2 = local
+    if mean.shape != m2.shape:
+        raise ValueError(
+            f"{layer_name}: mean and m2 must have the same shape; got {tuple(mean.shape)} and {tuple(m2.shape)}"
+        )
+    first = count.detach().reshape(-1)[:1]
+    if count.numel() > 1 and not bool((count.detach() == first).all()):
+        raise ValueError(
+            f"{layer_name}: synchronised statistics need the same count for every channel; got per-channel "
+            "counts that differ (a mask must cover whole positions, not single channels)"
+        )
+    total, mu, big_m2 = SyncMoments.apply(first.reshape(()), mean, m2, group, layer_name)
+    if count.ndim:
+        total = total.expand(count.shape)
+    return Moments(total, mu, big_m2)
