@@ -524,18 +524,21 @@ class BatchNorm(nn.Module):
         if empty:
             # Nothing to normalise with: keep the graph, produce finite output, leave the buffers alone.
             return normalize(xf, mean, var, weight, bias, self.eps, axis).to(x.dtype)
-        if update or t:
-            self._check_finite(mean, var)
-        if self.renorm is not None and update:
-            return self._forward_renorm(xf, axis, mean, var, count, weight, bias).to(x.dtype)
+        if (update or t) and not self._finite(mean, var):
+            update = False  # on_nonfinite="warn": skip the update, return the output as computed
+        if self.renorm is not None and (update or t):
+            return self._forward_renorm(xf, axis, mean, var, count, weight, bias, update).to(x.dtype)
         y = normalize(xf, mean, var, weight, bias, self.eps, axis)
         if update:
             self._update_running(mean.detach(), var.detach(), count)
         return y.to(x.dtype)
 
-    def _check_finite(self, mean: Tensor, var: Tensor) -> None:
-        if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-            self._nonfinite()
+    def _finite(self, mean: Tensor, var: Tensor) -> bool:
+        """True when the statistics are finite; otherwise raises or warns per ``on_nonfinite``."""
+        if bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+            return True
+        self._nonfinite()
+        return False
 
     def _forward_ghost(
         self,
@@ -577,8 +580,7 @@ class BatchNorm(nn.Module):
             cshape = [1] * (xf.ndim + 1)
             cshape[axis + 1] = self.num_features
             y = y + bias.reshape(cshape)
-        if update:
-            self._check_finite(mean, var)
+        if update and self._finite(mean, var):
             group_var = unbias(var, count) if self.unbiased_running_var else var
             self._commit_running(mean.detach().mean(0), group_var.detach().mean(0))
         return y.reshape(xf.shape)
@@ -592,6 +594,7 @@ class BatchNorm(nn.Module):
         count: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
+        update: bool,
     ) -> Tensor:
         renorm = self.renorm
         assert renorm is not None
@@ -607,6 +610,8 @@ class BatchNorm(nn.Module):
         if bias is not None:
             eff_bias = eff_bias + bias
         y = normalize(xf, mean, var, eff_weight, eff_bias, self.eps, axis)
+        if not update:
+            return y
         with torch.no_grad():
             batch_std = torch.sqrt(var.detach() + self.eps)
             stored = unbias(var.detach(), count) if self.unbiased_running_var else var.detach()
