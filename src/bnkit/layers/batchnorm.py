@@ -557,6 +557,11 @@ class BatchNorm(nn.Module):
             raise ValueError(f"{self.label()}: virtual_batch_size needs the batch on axis 0 and channels elsewhere")
         if self.renorm is not None:
             raise ValueError(f"{self.label()}: virtual_batch_size and renorm cannot be combined; drop one of them")
+        if self._sync_world() > 1:
+            raise ValueError(
+                f"{self.label()}: virtual_batch_size and sync cannot be combined (ghost batches are per-device by "
+                "design); set sync=False or drop virtual_batch_size"
+            )
         n = xf.shape[0]
         if n % k != 0:
             raise ValueError(
