@@ -35,27 +35,19 @@ def is_bnkit_batchnorm(module: nn.Module) -> bool:
 
 
 def frozen_by_bnkit(module: nn.Module) -> tuple[bool, bool]:
-    """``(stats_frozen, affine_frozen)`` for a layer frozen by ``bnkit.freeze``; ``(False, False)`` otherwise.
+    """``(stats_frozen, affine_frozen)`` as set by ``bnkit.freeze`` (or bnkit.BatchNorm's own switches).
 
-    bnkit.BatchNorm carries the switches itself; torch BN layers are asked through the predicate that
-    ``bnkit.tools.freeze`` exports (imported lazily so inspection works while the tools are absent).
+    For torch layers a frozen affine is plain ``requires_grad=False`` and cannot be told apart from a manual
+    freeze, so only bnkit layers report ``affine_frozen``; callers word torch layers through requires_grad.
+    ``bnkit.tools.freeze`` is imported lazily so inspection keeps working without it.
     """
     if is_bnkit_batchnorm(module):
         return bool(getattr(module, "freeze_stats", False)), bool(getattr(module, "freeze_affine", False))
     try:
-        from bnkit.tools import freeze as freeze_mod
+        from bnkit.tools.freeze import is_frozen_stats
     except ImportError:
         return False, False
-    for name in ("frozen_state", "freeze_state", "is_frozen"):
-        probe = getattr(freeze_mod, name, None)
-        if callable(probe):
-            state = probe(module)
-            if isinstance(state, tuple) and len(state) == 2:
-                return bool(state[0]), bool(state[1])
-            if hasattr(state, "stats") and hasattr(state, "affine"):
-                return bool(state.stats), bool(state.affine)
-            return bool(state), bool(state)
-    return False, False
+    return bool(is_frozen_stats(module)), False
 
 
 @dataclass(frozen=True)
