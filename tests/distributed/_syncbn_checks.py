@@ -1,0 +1,376 @@
+"""Checks run inside spawned gloo processes (see _spawn.py). Each takes (rank, world) and raises on failure.
+
+Every rank builds the same full data set from a fixed seed, takes its own shard, and compares what the
+distributed code gives with a single-process computation on the whole (concatenated) data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import bnkit
+from bnkit.core.moments import channel_moments
+from bnkit.distributed import SyncMismatchError, configure, reduce_moments, sync_moments
+
+CHECKS: dict[str, Callable[[int, int], None]] = {}
+#: Leaves a collective unanswered on purpose, so it must run after every other check.
+FINAL_CHECK = "skipped_layer_fails_in_bounded_time_naming_it"
+
+_PORT_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "torch_syncbn_cpu.py"
+_spec = importlib.util.spec_from_file_location("torch_syncbn_cpu", _PORT_PATH)
+torch_port = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(torch_port)
+
+
+def check(fn: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def sizes_for(world: int) -> list[int]:
+    return {1: [6], 2: [5, 3], 3: [5, 3, 0]}[world]
+
+
+def shard(full: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+    start = sum(sizes[:rank])
+    return full[start : start + sizes[rank]]
+
+
+def gather_all(t: torch.Tensor) -> list[torch.Tensor]:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return parts
+
+
+def assert_same_on_all_ranks(t: torch.Tensor) -> None:
+    for other in gather_all(t):
+        assert torch.equal(other, t), "ranks disagree"
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+# ------------------------------------------------------------------------------------------ reduce_moments
+
+
+@check
+def reduce_moments_equals_union(rank: int, world: int) -> None:
+    sizes = sizes_for(world)
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float64, torch.float32):
+        full = (torch.randn(sum(sizes), 4, 3, generator=g, dtype=torch.float64) * 2 + 50).to(dtype)
+        mine = channel_moments(shard(full, sizes, rank), (0, 2))
+        got = reduce_moments(mine)
+        want = channel_moments(full.double(), (0, 2))
+        assert got.count.shape == () and got.mean.dtype == dtype
+        assert float(got.count) == sum(sizes) * 3
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        close(got.mean.double(), want.mean, f"mean {dtype}", rtol=tol, atol=0)
+        close(got.m2.double(), want.m2, f"m2 {dtype}", rtol=tol * 10, atol=0)
+        for t in got:
+            assert_same_on_all_ranks(t)
+    # Per-channel counts (masked statistics) merge too, and a rank with count 0 contributes nothing.
+    x = torch.arange(12.0).reshape(4, 3) + 10 * rank
+    mask = torch.ones(4, 3, dtype=torch.bool) if rank != 1 else torch.zeros(4, 3, dtype=torch.bool)
+    got = reduce_moments(channel_moments(x, (0,), mask=mask))
+    kept = torch.cat([torch.arange(12.0).reshape(4, 3) + 10 * r for r in range(world) if r != 1])
+    want = channel_moments(kept, (0,))
+    assert got.count.shape == (3,) and got.count.tolist() == [4.0 * (world - 1)] * 3
+    close(got.mean, want.mean, "masked mean")
+    close(got.m2, want.m2, "masked m2")
+
+
+@check
+def reduce_moments_shape_mismatch_raises(rank: int, world: int) -> None:
+    mine = channel_moments(torch.randn(4, 3 + rank), (0,))
+    try:
+        reduce_moments(mine)
+    except SyncMismatchError as error:
+        assert "another shape" in str(error), str(error)
+    else:
+        raise AssertionError("reduce_moments accepted different channel counts on different ranks")
+
+
+@check
+def sync_moments_identity_on_single_rank_group(rank: int, world: int) -> None:
+    # A group of one rank: nothing to synchronise, the local statistics come back unchanged.
+    groups = [dist.new_group([r]) for r in range(world)]
+    local = channel_moments(torch.randn(5, 3), (0,))
+    assert sync_moments(local, group=groups[rank], layer_name="solo") is local
+    assert reduce_moments(local, group=groups[rank]) is local
+
+
+# ------------------------------------------------------------------------------------- the synchronised layer
+
+
+def _run_layer_case(rank: int, world: int, *, unbiased: bool, ndim: int, axis: int, momentum: float | None) -> None:
+    sizes = sizes_for(world)
+    c = 4
+    g = torch.Generator().manual_seed(10 + ndim)
+    spatial = {2: (), 3: (5,), 4: (3, 2)}[ndim]
+    shape = (sum(sizes), c, *spatial)
+    kwargs = dict(momentum=momentum, axis=axis, unbiased_running_var=unbiased)
+    ref = bnkit.BatchNorm(c, **kwargs)
+    syn = bnkit.BatchNorm(c, sync=True, name=f"case{ndim}{axis}{unbiased}{momentum}", **kwargs)
+    with torch.no_grad():
+        for layer in (ref, syn):
+            layer.weight.copy_(torch.linspace(0.5, 2.0, c))
+            layer.bias.copy_(torch.linspace(-1.0, 1.0, c))
+    for step in range(2):
+        full = torch.randn(shape, generator=g) * (step + 1) + 3.0
+        if axis == -1:
+            full = full.movedim(1, -1).contiguous()
+        weights = torch.randn(full.shape, generator=g)
+        xf = full.clone().requires_grad_()
+        yf = ref(xf)
+        (yf * weights).sum().backward()
+        xs = shard(full, sizes, rank).clone().requires_grad_()
+        ys = syn(xs)
+        (ys * shard(weights, sizes, rank)).sum().backward()
+        close(ys, shard(yf, sizes, rank).detach(), f"output step {step}")
+        close(xs.grad, shard(xf.grad, sizes, rank), f"input grad step {step}")
+        for name in ("weight", "bias"):
+            grad = getattr(syn, name).grad.clone()
+            dist.all_reduce(grad)
+            close(grad, getattr(ref, name).grad, f"{name} grad step {step}")
+        for layer in (ref, syn):
+            layer.zero_grad()
+    close(syn.running_mean, ref.running_mean, "running_mean")
+    close(syn.running_var, ref.running_var, "running_var")
+    assert int(syn.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+    for t in (syn.running_mean, syn.running_var):
+        assert_same_on_all_ranks(t)
+    # Eval uses the (identical) running statistics and never communicates.
+    probe = torch.randn(shard(full, sizes, rank).shape, generator=g)
+    close(syn.eval()(probe), ref.eval()(probe), "eval output")
+
+
+@check
+def layer_unbiased_nchw(rank: int, world: int) -> None:
+    _run_layer_case(rank, world, unbiased=True, ndim=4, axis=1, momentum=0.1)
+
+
+@check
+def layer_biased_nchw(rank: int, world: int) -> None:
+    _run_layer_case(rank, world, unbiased=False, ndim=4, axis=1, momentum=0.1)
+
+
+@check
+def layer_unbiased_2d_cumulative(rank: int, world: int) -> None:
+    _run_layer_case(rank, world, unbiased=True, ndim=2, axis=1, momentum=None)
+
+
+@check
+def layer_biased_channels_last(rank: int, world: int) -> None:
+    _run_layer_case(rank, world, unbiased=False, ndim=3, axis=-1, momentum=0.3)
+
+
+@check
+def layer_masked(rank: int, world: int) -> None:
+    sizes = sizes_for(world)
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(sum(sizes), 6, 3, generator=g) * 2 + 1
+    mask = torch.rand(sum(sizes), 6, generator=g) > 0.3
+    ref = bnkit.BatchNorm(3, axis=-1)
+    syn = bnkit.BatchNorm(3, axis=-1, sync=True, name="masked")
+    xf = full.clone().requires_grad_()
+    yf = ref(xf, mask=mask)
+    yf.sum().backward()
+    xs = shard(full, sizes, rank).clone().requires_grad_()
+    ys = syn(xs, mask=shard(mask, sizes, rank))
+    ys.sum().backward()
+    close(ys, shard(yf, sizes, rank).detach(), "masked output")
+    close(xs.grad, shard(xf.grad, sizes, rank), "masked input grad")
+    close(syn.running_var, ref.running_var, "masked running_var")
+
+
+@check
+def layer_ghost_with_sync_raises(rank: int, world: int) -> None:
+    layer = bnkit.BatchNorm(3, sync=True, virtual_batch_size=2, name="ghosty")
+    try:
+        layer(torch.randn(4, 3))
+    except ValueError as error:
+        assert "ghosty" in str(error) and "virtual_batch_size" in str(error), str(error)
+    else:
+        raise AssertionError("ghost batches with sync=True neither synchronised nor raised")
+
+
+@check
+def eval_and_frozen_never_communicate(rank: int, world: int) -> None:
+    # Only rank 0 runs these layers: any collective would leave it waiting for the others and time out.
+    previous = configure(timeout=3.0)
+    try:
+        if rank == 0:
+            x = torch.randn(4, 3, 2)
+            bnkit.BatchNorm(3, sync=True, name="ev").eval()(x)
+            bnkit.BatchNorm(3, sync=True, track_running_stats=False, name="ev2").eval()(x)
+            frozen = bnkit.BatchNorm(3, sync=True, name="fz")
+            frozen.freeze_stats = True
+            frozen.train()(x)
+    finally:
+        configure(**previous)
+    dist.barrier()
+
+
+@check
+def single_value_per_channel_is_judged_globally(rank: int, world: int) -> None:
+    # One sample on one rank is fine in sync training when the union has more values.
+    layer = bnkit.BatchNorm(2, sync=True, name="one")
+    n = 1 if rank == 0 else 2
+    y = layer(torch.randn(n, 2))
+    assert torch.isfinite(y).all()
+
+
+# --------------------------------------------------------------------------- PyTorch's SyncBatchNorm algorithm
+
+
+def _compare_with_port(rank: int, world: int, mean: float, std: float, eps: float) -> dict[str, float]:
+    """Run bnkit SyncBN and the CPU port of torch.nn.SyncBatchNorm; return max relative errors vs float64."""
+    sizes = sizes_for(world)
+    c = 3
+    g = torch.Generator().manual_seed(7)
+    full = (torch.randn(sum(sizes), c, 4, 4, generator=g, dtype=torch.float64) * std + mean).float()
+    upstream = torch.randn(full.shape, generator=g)
+    ours = bnkit.BatchNorm(c, eps=eps, momentum=1.0, sync=True, name=f"port{mean}")
+    theirs = torch_port.TorchSyncBatchNormCPU(c, eps=eps, momentum=1.0)
+    # The float64 oracle: single process, whole batch.
+    oracle = nn.BatchNorm2d(c, eps=eps, momentum=1.0).double()
+    xo = full.double().requires_grad_()
+    yo = oracle(xo)
+    (yo * upstream.double()).sum().backward()
+    errors: dict[str, float] = {}
+    for label, layer in (("bnkit", ours), ("torch", theirs)):
+        x = shard(full, sizes, rank).clone().requires_grad_()
+        y = layer(x)
+        (y * shard(upstream, sizes, rank)).sum().backward()
+        rv = layer.running_var.double()
+        errors[f"{label}_running_var"] = float(((rv - oracle.running_var) / oracle.running_var).abs().max())
+        if x.numel():
+            ref_y = shard(yo, sizes, rank).detach()
+            ref_g = shard(xo.grad, sizes, rank)
+            errors[f"{label}_output"] = float((y.double() - ref_y).abs().max() / ref_y.abs().max())
+            errors[f"{label}_grad"] = float((x.grad.double() - ref_g).abs().max() / ref_g.abs().max())
+    return errors
+
+
+@check
+def agrees_with_torch_syncbn_where_torch_is_right(rank: int, world: int) -> None:
+    errors = _compare_with_port(rank, world, mean=0.5, std=2.0, eps=1e-5)
+    for key, value in errors.items():
+        assert value < 1e-5, (key, errors)
+
+
+@check
+def closer_to_float64_than_torch_when_var_below_eps(rank: int, world: int) -> None:
+    # mean >> std and var (1e-8) << eps (1e-3): PyTorch rebuilds each rank's var as 1/invstd^2 - eps in float32,
+    # which keeps only the digits of var + eps; bnkit exchanges m2 itself.
+    errors = _compare_with_port(rank, world, mean=1.0, std=1e-4, eps=1e-3)
+    assert errors["bnkit_running_var"] < 1e-4, errors
+    assert errors["torch_running_var"] > 100 * errors["bnkit_running_var"], errors
+    if "bnkit_output" in errors:
+        # Outputs and gradients are limited by the float32 rounding of the mean in both implementations.
+        assert errors["bnkit_output"] < 2 * errors["torch_output"] + 1e-6, errors
+        assert errors["bnkit_grad"] < 2 * errors["torch_grad"] + 1e-6, errors
+
+
+# ------------------------------------------------------------------------------------------------ DDP training
+
+
+def _small_net(sync: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        bnkit.BatchNorm(4, sync=sync, name="net.1"),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3, bias=False),
+        bnkit.BatchNorm(5, sync=sync, unbiased_running_var=False, name="net.4"),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 2),
+    )
+
+
+@check
+def ddp_training_equals_single_process(rank: int, world: int) -> None:
+    sizes = sizes_for(world)
+    ddp = nn.parallel.DistributedDataParallel(_small_net(sync=True))
+    ref = _small_net(sync=False)
+    opt_ddp = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        x = torch.randn(sum(sizes), 3, 6, 6, generator=g)
+        target = torch.randint(0, 2, (sum(sizes),), generator=g)
+        # DDP averages gradients over ranks, so the single-process loss is the summed loss divided by world.
+        loss = nn.functional.cross_entropy(ddp(shard(x, sizes, rank)), shard(target, sizes, rank), reduction="sum")
+        opt_ddp.zero_grad()
+        loss.backward()
+        opt_ddp.step()
+        ref_loss = nn.functional.cross_entropy(ref(x), target, reduction="sum") / world
+        opt_ref.zero_grad()
+        ref_loss.backward()
+        opt_ref.step()
+    for (name, a), b in zip(ddp.module.state_dict().items(), ref.state_dict().values(), strict=True):
+        if a.is_floating_point():
+            close(a, b, f"after 3 DDP steps: {name}", rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- skipped layers
+
+
+@check
+def skipped_layer_same_width_fails_at_once_naming_it(rank: int, world: int) -> None:
+    left = bnkit.BatchNorm(3, sync=True, name="block.left")
+    right = bnkit.BatchNorm(3, sync=True, name="block.right")
+    layer = left if rank == 0 else right  # rank 0 runs a layer the others skip
+    start = time.monotonic()
+    try:
+        layer(torch.randn(4, 3))
+    except SyncMismatchError as error:
+        assert layer.name in str(error) and "pytorch#44957" in str(error), str(error)
+    else:
+        raise AssertionError("ranks in different synchronised layers mixed their statistics")
+    assert time.monotonic() - start < 5.0
+    dist.barrier()  # the group is still usable: every rank took part in the one collective
+
+
+@check
+def skipped_layer_other_width_fails_with_shape_check(rank: int, world: int) -> None:
+    layer = bnkit.BatchNorm(3, sync=True, name="narrow") if rank == 0 else bnkit.BatchNorm(5, sync=True, name="wide")
+    previous = configure(check_shapes=True)
+    try:
+        layer(torch.randn(4, layer.num_features))
+    except SyncMismatchError as error:
+        assert layer.name in str(error), str(error)
+    else:
+        raise AssertionError("ranks in layers of different widths were not detected")
+    finally:
+        configure(**previous)
+    dist.barrier()
+
+
+@check
+def skipped_layer_fails_in_bounded_time_naming_it(rank: int, world: int) -> None:
+    if rank != 0:
+        time.sleep(4.0)  # stay alive (not in any collective) while rank 0 waits in vain
+        return
+    previous = configure(timeout=1.5)
+    start = time.monotonic()
+    try:
+        bnkit.BatchNorm(3, sync=True, name="head.bn")(torch.randn(4, 3))
+    except SyncMismatchError as error:
+        assert "head.bn" in str(error) and "1.5 s" in str(error), str(error)
+    else:
+        raise AssertionError("a lone rank in a synchronised layer did not fail")
+    finally:
+        configure(**previous)
+    assert time.monotonic() - start < 3.5, time.monotonic() - start
