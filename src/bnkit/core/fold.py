@@ -162,9 +162,7 @@ def fold_before_conv(
     return new_weight.to(weight.dtype), new_bias.to(weight.dtype if bias is None else bias.dtype)
 
 
-def fold_after_linear(
-    weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor
-) -> tuple[Tensor, Tensor]:
+def fold_after_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     """Fold ``y = scale * linear(x) + shift`` (BatchNorm over the output features) into the linear layer.
 
     Works for a BatchNorm without affine parameters and a linear layer without bias (where
@@ -196,9 +194,7 @@ def fold_after_linear(
     return new_weight.to(weight.dtype), new_bias.to(weight.dtype if bias is None else bias.dtype)
 
 
-def fold_before_linear(
-    weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor
-) -> tuple[Tensor, Tensor]:
+def fold_before_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     """Fold ``linear(scale * x + shift)`` (BatchNorm over the input features) into the linear layer.
 
     ``W' = W * scale`` over columns and ``b' = b + W @ shift``. Always exact when the BatchNorm's channel axis
