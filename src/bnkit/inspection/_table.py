@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 
-def text_table(columns: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> str:
+def text_table(
+    columns: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None, wrap: int = 64
+) -> str:
     """Left-aligned text columns separated by two spaces, numbers right-aligned, a rule under the header.
 
-    A cell containing newlines spreads over several lines.
+    A cell containing newlines spreads over several lines; text lines longer than ``wrap`` characters are
+    wrapped at word boundaries.
 
     Example:
         >>> print(text_table(["a", "n"], [["x", 1], ["yy", 22]]))
@@ -17,7 +21,7 @@ def text_table(columns: Sequence[str], rows: Sequence[Sequence[object]], title: 
         x    1
         yy  22
     """
-    cells = [[_cell(value) for value in row] for row in rows]
+    cells = [[_wrap(_cell(value), wrap) for value in row] for row in rows]
     widths = [len(c) for c in columns]
     for row in cells:
         for i, text in enumerate(row):
@@ -57,3 +61,11 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _wrap(text: str, width: int) -> str:
+    if width <= 0 or all(len(line) <= width for line in text.split("\n")):
+        return text
+    return "\n".join(
+        "\n".join(textwrap.wrap(line, width, break_on_hyphens=False)) or line for line in text.split("\n")
+    )

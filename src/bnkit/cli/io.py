@@ -1,0 +1,518 @@
+"""Loading models and data for the command line, and writing result files atomically.
+
+Models (``MODEL`` argument of every sub-command):
+
+* ``package.module:factory`` (also ``package.module:attr.factory``): the factory is imported (the current
+  directory is importable) and called without arguments; it must return an ``nn.Module``. With
+  ``--weights CKPT`` a state dict is loaded into it, strictly: a plain state dict, or one nested under a common
+  key (``state_dict``, ``model_state_dict``, ``model``, ``net``, ``network``, ``module``, ``ema``, ``weights``,
+  ``params``), or a whole pickled module; ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are
+  stripped when the model's own keys do not have them.
+* a whole module saved with ``torch.save(model, path)``: loaded with ``torch.load(weights_only=False)``, which
+  runs pickled code. **Only load files you trust.** The classes of the model must be importable.
+* a TorchScript file (``torch.jit.save``): accepted where the command only reads parameters (``summary``);
+  commands that run or rewrite the model need an eager module and say so.
+
+Data (``DATA`` argument of ``shift`` and ``recalibrate``):
+
+* ``.pt``/``.pth``: a tensor, an ``(inputs, labels)`` pair, a list of batches, or a dict with an ``x``,
+  ``inputs``, ``input``, ``data`` or ``images`` entry (loaded with ``weights_only=True``: no code runs);
+* ``.npy``/``.npz`` (``x``/``inputs``/``input``/``data``/``images`` key, or the only array);
+* ``package.module:factory`` returning an iterable of batches (a ``DataLoader``, a list) or a tensor.
+
+Tensors are split into batches of ``--batch-size`` along dimension 0. NumPy float64 and integer arrays become
+float32 (PyTorch models are float32 unless told otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import re
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CliError",
+    "DataSource",
+    "LoadedModel",
+    "extract_state_dict",
+    "is_factory_spec",
+    "load_data",
+    "load_model",
+    "require_eager",
+    "save_model",
+    "write_atomic",
+]
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "ema", "weights", "params")
+_DATA_KEYS = ("x", "inputs", "input", "data", "images")
+
+
+class CliError(Exception):
+    """A problem with what the user gave (file, model, data, option): printed as one line, exit status 2.
+
+    Example:
+        >>> str(CliError("model file 'm.pt' not found"))
+        "model file 'm.pt' not found"
+    """
+
+
+@dataclass
+class LoadedModel:
+    """A model and where it came from.
+
+    Attributes:
+        model: The module (``torch.jit.ScriptModule`` for TorchScript files).
+        kind: ``"factory"``, ``"pickle"`` or ``"torchscript"``.
+        source: The ``MODEL`` argument as given.
+        path: The model file (None for factories).
+        weights: The ``--weights`` file, if any.
+
+    Example:
+        >>> LoadedModel(nn.Identity(), "pickle", "m.pt", Path("m.pt"), None).kind
+        'pickle'
+    """
+
+    model: nn.Module
+    kind: str
+    source: str
+    path: Path | None
+    weights: Path | None
+
+    def input_paths(self) -> list[Path]:
+        """The files this model was read from (an output must never overwrite them).
+
+        Example:
+            >>> LoadedModel(nn.Identity(), "factory", "a:b", None, Path("w.pt")).input_paths()
+            [PosixPath('w.pt')]
+        """
+        return [p for p in (self.path, self.weights) if p is not None]
+
+
+def is_factory_spec(spec: str) -> bool:
+    """True for ``package.module:factory`` (and it is not an existing file).
+
+    Example:
+        >>> is_factory_spec("torchvision.models:resnet18"), is_factory_spec("model.pt")
+        (True, False)
+    """
+    return bool(_FACTORY.match(spec)) and not os.path.exists(spec)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _import_attr(spec: str, what: str) -> Any:
+    module_name, _, attr_path = spec.partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:  # console scripts do not put the current directory on sys.path; users expect it
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CliError(f"cannot import module {module_name!r} for {what} {spec!r}: {_first_line(exc)}") from exc
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
+    target: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            raise CliError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr_path!r}")
+        target = getattr(target, part)
+    return target
+
+
+def _call_factory(spec: str, what: str) -> Any:
+    factory = _import_attr(spec, what)
+    if isinstance(factory, nn.Module):
+        return factory
+    if not callable(factory):
+        raise CliError(f"{what} {spec!r} is not callable (a {type(factory).__name__})")
+    try:
+        return factory()
+    except Exception as exc:  # the user's factory may raise anything; report it on one line
+        raise CliError(f"{what} factory {spec!r} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _existing(path_text: str, what: str) -> Path:
+    path = Path(path_text)
+    if not path.exists():
+        hint = " (for a factory write package.module:function)" if ":" in path_text else ""
+        raise CliError(f"{what} file {path_text!r} not found{hint}")
+    if path.is_dir():
+        raise CliError(f"{what} {path_text!r} is a directory, not a file")
+    return path
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def load_model(spec: str, weights: str | None = None) -> LoadedModel:
+    """Load ``MODEL`` (factory, pickled module or TorchScript file) and apply ``--weights``.
+
+    Raises:
+        CliError: missing file, unimportable factory, a file that holds no model (e.g. only a state dict),
+            weights that do not match the model.
+
+    Example:
+        >>> load_model("torch.nn:Identity").kind
+        'factory'
+    """
+    if is_factory_spec(spec):
+        model = _call_factory(spec, "model")
+        if not isinstance(model, nn.Module):
+            raise CliError(f"model factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        loaded = LoadedModel(model, "factory", spec, None, None)
+    else:
+        path = _existing(spec, "model")
+        if _is_torchscript(path):
+            try:
+                model = torch.jit.load(str(path), map_location="cpu")
+            except Exception as exc:  # a damaged archive raises RuntimeError or others
+                raise CliError(f"cannot load TorchScript model {spec!r}: {_first_line(exc)}") from exc
+            loaded = LoadedModel(model, "torchscript", spec, path, None)
+        else:
+            obj = _torch_load(path, "model", weights_only=False)
+            if isinstance(obj, nn.Module):
+                loaded = LoadedModel(obj, "pickle", spec, path, None)
+            elif isinstance(obj, dict):
+                raise CliError(
+                    f"{spec!r} holds a state dict (or checkpoint dict), not a model: give the architecture as "
+                    f"package.module:factory and this file as --weights {spec}"
+                )
+            else:
+                raise CliError(f"{spec!r} does not contain a torch.nn.Module (found a {type(obj).__name__})")
+    if weights is not None:
+        if loaded.kind == "torchscript":
+            raise CliError("--weights cannot be applied to a TorchScript model")
+        weights_path = _existing(weights, "weights")
+        _apply_weights(loaded.model, weights_path)
+        loaded.weights = weights_path
+    return loaded
+
+
+def _torch_load(path: Path, what: str, *, weights_only: bool) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # unpickling can fail in many ways (missing class, corrupt file, not a torch file)
+        hint = ""
+        if isinstance(exc, (AttributeError, ModuleNotFoundError)):
+            hint = " (a pickled module needs its class importable: run from the project directory)"
+        raise CliError(f"cannot load {what} file {str(path)!r}: {_first_line(exc)}{hint}") from exc
+
+
+def extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    """The state dict inside a checkpoint object: a module, a flat dict of tensors, or nested under a common key.
+
+    Example:
+        >>> sorted(extract_state_dict({"epoch": 3, "state_dict": {"w": torch.ones(1)}}))
+        ['w']
+    """
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if not isinstance(obj, dict) or not obj:
+        return None
+    if all(isinstance(k, str) for k in obj) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    for key in _STATE_KEYS:
+        if key in obj:
+            found = extract_state_dict(obj[key])
+            if found is not None:
+                return found
+    return None
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _apply_weights(model: nn.Module, path: Path) -> None:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:
+        # checkpoints often pickle more than tensors (optimizer state, config objects): trusted files only
+        obj = _torch_load(path, "weights", weights_only=False)
+    state = extract_state_dict(obj)
+    if state is None:
+        raise CliError(
+            f"no state dict found in weights file {str(path)!r}: expected a dict of tensors, possibly under "
+            f"one of the keys {', '.join(_STATE_KEYS)}"
+        )
+    expected = set(model.state_dict())
+    state = _strip_prefixes(dict(state), expected)
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        raise CliError(f"weights file {str(path)!r} does not match the model: {'; '.join(parts)}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        detail = lines[0] if lines else _first_line(exc)
+        raise CliError(f"weights file {str(path)!r} does not match the model: {detail}") from exc
+
+
+def _few(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def require_eager(loaded: LoadedModel, command: str) -> nn.Module:
+    """The eager model, or a one-line error for TorchScript input (hooks and rewrites need eager modules).
+
+    Example:
+        >>> require_eager(LoadedModel(nn.Identity(), "pickle", "m.pt", None, None), "shift")
+        Identity()
+    """
+    if loaded.kind == "torchscript" or isinstance(loaded.model, torch.jit.ScriptModule):
+        raise CliError(
+            f"bnkit {command} needs an eager model, not TorchScript {loaded.source!r}: give a module saved with "
+            "torch.save(model) or package.module:factory [--weights ckpt]"
+        )
+    return loaded.model
+
+
+@dataclass
+class DataSource:
+    """Batches for ``shift``/``recalibrate`` and what they are.
+
+    Attributes:
+        batches: An iterable of batches (re-iterable for tensors and lists).
+        description: Where they came from and their shape, for messages.
+        num_batches: The number of batches when known.
+
+    Example:
+        >>> DataSource([torch.zeros(2, 3)], "x", 1).num_batches
+        1
+    """
+
+    batches: Iterable[Any]
+    description: str
+    num_batches: int | None
+
+
+def _to_tensor(value: Any, where: str) -> torch.Tensor:
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise CliError(f"data {where}: object arrays are not supported, save numeric arrays")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise CliError(f"data {where}: expected a tensor or array, found a {type(value).__name__}")
+    if not value.is_floating_point() or value.dtype == torch.float64:
+        value = value.float()
+    return value
+
+
+def _split(tensor: torch.Tensor, batch_size: int, where: str) -> DataSource:
+    if tensor.ndim < 2:
+        raise CliError(
+            f"data {where} has shape {list(tensor.shape)}: expected [samples, ...] with at least 2 dimensions"
+        )
+    if tensor.shape[0] == 0:
+        raise CliError(f"data {where} is empty")
+    batches = list(tensor.split(batch_size))
+    return DataSource(batches, f"{where}: {tensor.shape[0]} samples of shape {list(tensor.shape[1:])}", len(batches))
+
+
+def _from_object(obj: Any, batch_size: int, where: str) -> DataSource:
+    import numpy as np
+
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return _split(_to_tensor(obj, where), batch_size, where)
+    if isinstance(obj, dict):
+        for key in _DATA_KEYS:
+            if key in obj:
+                return _from_object(obj[key], batch_size, f"{where}[{key!r}]")
+        raise CliError(f"data {where}: a dict without any of the keys {', '.join(_DATA_KEYS)}")
+    if isinstance(obj, (tuple, list)) and obj:
+        first = obj[0]
+        labelled = len(obj) == 2 and isinstance(obj[1], (torch.Tensor, np.ndarray)) and not isinstance(
+            first, (tuple, list)
+        ) and len(obj[1]) == len(first) and obj[1].ndim <= 1
+        if labelled:  # (inputs, labels)
+            return _from_object(first, batch_size, f"{where} (inputs of an (inputs, labels) pair)")
+        batches = [_to_tensor(b[0] if isinstance(b, (tuple, list)) else b, where) for b in obj]
+        return DataSource(batches, f"{where}: {len(batches)} batches", len(batches))
+    raise CliError(f"data {where}: expected a tensor, an (inputs, labels) pair, a list of batches or a dict")
+
+
+def load_data(spec: str, *, batch_size: int = 64) -> DataSource:
+    """Load ``DATA`` (``.pt``/``.pth``, ``.npy``/``.npz`` or ``package.module:factory``) as batches.
+
+    Raises:
+        CliError: missing file, unknown format, no usable array.
+
+    Example:
+        >>> import numpy as np, tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.npy"
+        >>> np.save(path, np.zeros((10, 3)))
+        >>> load_data(str(path), batch_size=4).num_batches
+        3
+    """
+    if batch_size < 1:
+        raise CliError(f"--batch-size must be a positive integer, got {batch_size}")
+    if is_factory_spec(spec):
+        obj = _call_factory(spec, "data")
+        if isinstance(obj, torch.Tensor):
+            return _split(_to_tensor(obj, spec), batch_size, spec)
+        if not isinstance(obj, Iterable):
+            raise CliError(f"data factory {spec!r} returned a {type(obj).__name__}, not an iterable of batches")
+        length = len(obj) if hasattr(obj, "__len__") else None
+        return DataSource(obj, f"{spec}", length)
+    path = _existing(spec, "data")
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        return _from_object(_torch_load(path, "data", weights_only=True), batch_size, spec)
+    if suffix in (".npy", ".npz"):
+        import numpy as np
+
+        try:
+            arrays = np.load(path, allow_pickle=False)
+        except Exception as exc:  # corrupt or pickled arrays
+            raise CliError(f"cannot load data file {spec!r}: {_first_line(exc)}") from exc
+        if suffix == ".npy":
+            return _split(_to_tensor(arrays, spec), batch_size, spec)
+        with arrays:
+            names = list(arrays.files)
+            key = next((k for k in _DATA_KEYS if k in names), names[0] if len(names) == 1 else None)
+            if key is None:
+                raise CliError(
+                    f"data file {spec!r} holds arrays {', '.join(names)}: name the inputs one of "
+                    f"{', '.join(_DATA_KEYS)}"
+                )
+            return _split(_to_tensor(arrays[key], f"{spec}[{key!r}]"), batch_size, f"{spec}[{key!r}]")
+    raise CliError(f"unknown data format {suffix or '(no suffix)'!r} for {spec!r}: use .pt, .pth, .npy, .npz or "
+                   "package.module:factory")
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], *,
+                 inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Write a file through a temporary file in the same directory and ``os.replace``; never over an input.
+
+    A reader never sees a half-written file, and on any error the temporary file is removed and an existing
+    file at ``path`` is left as it was.
+
+    Raises:
+        CliError: ``path`` is one of ``inputs`` (or the same file through a link), or its directory is missing.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
+        >>> write_atomic(out, lambda f: f.write(b"ok")).read_bytes()
+        b'ok'
+    """
+    target = Path(path)
+    for item in inputs:
+        source = Path(item)
+        if target.resolve() == source.resolve() or (
+            target.exists() and source.exists() and os.path.samefile(target, source)
+        ):
+            raise CliError(f"refusing to overwrite the input file {str(source)!r}: choose another -o/--output")
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise CliError(f"output directory {str(directory)!r} does not exist")
+    if target.is_dir():
+        raise CliError(f"output {str(target)!r} is a directory: give a file name")
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    return target
+
+
+SAVE_FORMATS = ("auto", "module", "state_dict", "torchscript")
+
+
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    fmt: str,
+    inputs: Iterable[Path],
+    example_inputs: Any = None,
+) -> str:
+    """Save ``model`` atomically as a pickled module, a state dict or TorchScript; returns the format used.
+
+    ``"torchscript"`` scripts the model, or traces it on ``example_inputs`` when scripting fails.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "m.pt"
+        >>> save_model(nn.Linear(2, 2), out, fmt="state_dict", inputs=[])
+        'state_dict'
+    """
+    if fmt == "state_dict":
+        state = model.state_dict()
+        write_atomic(path, lambda f: torch.save(state, f), inputs=inputs)
+    elif fmt == "torchscript":
+        scripted = _script(model, example_inputs)
+        write_atomic(path, lambda f: torch.jit.save(scripted, f), inputs=inputs)
+    elif fmt == "module":
+        write_atomic(path, lambda f: torch.save(model, f), inputs=inputs)
+    else:
+        raise CliError(f"unknown output format {fmt!r}: choose one of {', '.join(SAVE_FORMATS[1:])}")
+    return fmt
+
+
+def _script(model: nn.Module, example_inputs: Any) -> torch.jit.ScriptModule:
+    try:
+        return torch.jit.script(model)
+    except Exception as script_error:  # scripting fails on much Python; tracing is the fallback
+        if example_inputs is None:
+            raise CliError(
+                f"cannot script the model ({_first_line(script_error)}); give --input-size so it can be traced"
+            ) from script_error
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        try:
+            return torch.jit.trace(model, args)
+        except Exception as exc:  # untraceable models
+            raise CliError(f"cannot script or trace the model: {_first_line(exc)}") from exc
+
+
+def iter_limited(batches: Iterable[Any], limit: int | None) -> Iterator[Any]:
+    """The first ``limit`` batches (all when None).
+
+    Example:
+        >>> list(iter_limited([1, 2, 3], 2))
+        [1, 2]
+    """
+    for index, batch in enumerate(batches):
+        if limit is not None and index >= limit:
+            return
+        yield batch
