@@ -81,15 +81,22 @@ def _tree_merge(parts: Moments) -> Moments:
 
 
 def _batch_moments(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and m2 of one batch by two passes (mean, then squared deviations).
+    """Per-channel mean and m2 of one batch, returned in float64: two passes plus a shift correction.
 
-    Two-pass is as stable as Welford; it is used instead of ``torch.var_mean`` because on CPU that kernel is
-    several times slower than two plain reductions over an NCHW tensor (and slower than the whole BatchNorm).
+    Pass one gives the mean ``m`` in the input's precision; pass two the deviations ``d = x - m``, from which
+    ``mean = m + sum(d)/n`` and ``m2 = sum(d^2) - sum(d)^2/n`` are formed in float64. The correction removes
+    the rounding error of ``m`` itself, which otherwise dominates the between-batch term of the merge when
+    ``|mean| >> std``. Plain reductions are used instead of ``torch.var_mean`` because on CPU that kernel is
+    several times slower over an NCHW tensor than the whole BatchNorm.
     """
     dims = reduction_dims(x.ndim, axis)
-    mean = x.mean(dims, keepdim=True)
-    m2 = (x - mean).square_().sum(dims)
-    return mean.reshape(-1), m2
+    n = x.numel() // x.shape[axis]
+    shift = x.mean(dims, keepdim=True)
+    d = x - shift
+    s1 = d.sum(dims).to(torch.float64)
+    s2 = d.square_().sum(dims).to(torch.float64)
+    mean = shift.reshape(-1).to(torch.float64) + s1 / n
+    return mean, (s2 - s1 * s1 / n).clamp_min_(0.0)
 
 
 class _Capture:
@@ -153,7 +160,7 @@ class _Capture:
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
         mean, m2 = _batch_moments(xf, axis)
         module.running_mean.copy_(mean)
-        module.running_var.copy_(m2 / n)
+        module.running_var.copy_((m2 / n).clamp_min_(0.0))
         if self.mode == "record":
             if self.first_call is None:
                 self.first_call = next(_CLOCK)
