@@ -10,6 +10,7 @@ import importlib.util
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,7 @@ from torch import nn
 
 import bnkit
 from bnkit.core.moments import channel_moments
-from bnkit.distributed import SyncMismatchError, configure, reduce_moments, sync_moments
+from bnkit.distributed import SyncMismatchError, comm, configure, reduce_moments, sync_moments
 
 CHECKS: dict[str, Callable[[int, int], None]] = {}
 #: Leaves a collective unanswered on purpose, so it must run after every other check.
@@ -374,3 +375,129 @@ def skipped_layer_fails_in_bounded_time_naming_it(rank: int, world: int) -> None
     finally:
         configure(**previous)
     assert time.monotonic() - start < 3.5, time.monotonic() - start
+
+
+# ------------------------------------------------------------------------------------ sync_running_stats
+
+
+def _stats_model() -> nn.Module:
+    return nn.Sequential(
+        nn.BatchNorm1d(3),
+        bnkit.BatchNorm(4, renorm=True, name="renormed"),
+        bnkit.BatchNorm(2, track_running_stats=False),
+        bnkit.BatchNorm(2, unbiased_running_var=False),
+    )
+
+
+def _fill_rank_stats(model: nn.Module, rank: int) -> None:
+    with torch.no_grad():
+        for i, (name, buf) in enumerate(model.named_buffers()):
+            if name.endswith("num_batches_tracked"):
+                buf.fill_(10 * rank + i)
+            else:
+                buf.copy_(torch.linspace(1.0, 2.0, buf.numel()) * (rank + 1) + i)
+
+
+@check
+def sync_running_stats_reduce_and_broadcast(rank: int, world: int) -> None:
+    expected = [_stats_model() for _ in range(world)]
+    for r, m in enumerate(expected):
+        _fill_rank_stats(m, r)
+    model = nn.parallel.DistributedDataParallel(_stats_model(), broadcast_buffers=False)
+    _fill_rank_stats(model.module, rank)
+    names = bnkit.sync_running_stats(model, mode="reduce")
+    assert names == ["module.0", "module.1", "module.3"], names
+    for (name, buf), *theirs in zip(
+        model.module.named_buffers(), *(m.buffers() for m in expected), strict=True
+    ):
+        if name.endswith("num_batches_tracked"):
+            assert int(buf) == int(theirs[rank]), name  # left alone
+            continue
+        if name != "1.running_var":  # re-derived from the averaged running_std, checked below
+            close(buf, torch.stack(theirs).mean(0), f"reduce {name}")
+        assert_same_on_all_ranks(buf)
+    renormed = model.module[1]
+    close(renormed.running_var, torch.relu(renormed.running_std**2 - renormed.eps), "renorm invariant")
+    _fill_rank_stats(model.module, rank)
+    bnkit.sync_running_stats(model.module, mode="broadcast")
+    for (name, buf), theirs in zip(model.module.named_buffers(), expected[0].buffers(), strict=True):
+        assert torch.equal(buf, theirs), f"broadcast {name}"
+
+
+@check
+def sync_running_stats_refuses_different_models(rank: int, world: int) -> None:
+    model = nn.Sequential(nn.BatchNorm1d(3 if rank == 0 else 4))
+    try:
+        bnkit.sync_running_stats(model)
+    except SyncMismatchError as error:
+        assert "sync_running_stats" in str(error), str(error)
+    else:
+        raise AssertionError("models of different shapes were averaged")
+    try:
+        bnkit.sync_running_stats(model, mode="mean")
+    except ValueError as error:
+        assert "'reduce' or 'broadcast'" in str(error)
+    else:
+        raise AssertionError("a bad mode was accepted")
+
+
+# ------------------------------------------------------------------------------------ distributed recalibrate
+
+
+def _recal_model() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        bnkit.BatchNorm(4, unbiased_running_var=False),
+        nn.ReLU(),
+    )
+
+
+@check
+def recalibrate_merges_shards_exactly(rank: int, world: int) -> None:
+    import copy
+
+    g = torch.Generator().manual_seed(11)
+    data = torch.randn(23, 3, 7, 7, generator=g) * 2 + 1
+    # Uneven shards with uneven batch sizes: rank r gets a slice split into batches of 2 + r.
+    bounds = [0, 9, 17, 23] if world == 3 else [0, 14, 23]
+    shards = [list(data[bounds[r] : bounds[r + 1]].split(2 + r)) for r in range(world)]
+    mine = shards[rank]
+    union = [batch for part in shards for batch in part]
+    for sequential in (False, True):
+        base = _recal_model()
+        single = copy.deepcopy(base)
+        # The reference is one process over the union of the shards' batches: switch synchronisation off.
+        with mock.patch.object(comm, "is_active", lambda group=None: False):
+            bnkit.recalibrate(single, union, progress=False, sequential=sequential)
+        dist_model = copy.deepcopy(base)
+        bnkit.recalibrate(dist_model, list(mine), progress=False, sequential=sequential)
+        for (name, a), b in zip(dist_model.named_buffers(), single.named_buffers(), strict=True):
+            if a.is_floating_point():
+                close(a, b[1], f"recalibrate sequential={sequential} {name}")
+                assert_same_on_all_ranks(a)
+
+
+# ------------------------------------------------------------------------------------------------- convert
+
+
+@check
+def converted_sync_model_trains_like_single_process(rank: int, world: int) -> None:
+    sizes = sizes_for(world)
+    base = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(1))
+    base(torch.randn(2, 2, 5, 5))
+    synced = bnkit.convert(base, "bnkit-sync")
+    layer = synced[1]
+    assert isinstance(layer, bnkit.BatchNorm) and layer.sync and layer.name == "1", layer
+    single = bnkit.convert(base, "bnkit")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(sum(sizes), 2, 5, 5, generator=g)
+    xs = shard(x, sizes, rank).clone().requires_grad_()
+    synced(xs).sum().backward()
+    xf = x.clone().requires_grad_()
+    single(xf).sum().backward()
+    close(xs.grad, shard(xf.grad, sizes, rank), "input grad through converted sync model")
+    close(layer.running_var, single[1].running_var, "running_var of converted sync model")

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+from bnkit.distributed.buffers import average_, broadcast_
 from bnkit.distributed.comm import (
     SyncMismatchError,
     configure,
@@ -26,6 +27,8 @@ from bnkit.distributed.moments import SyncMoments, merge_gathered, reduce_moment
 __all__ = [
     "SyncMismatchError",
     "SyncMoments",
+    "average_",
+    "broadcast_",
     "configure",
     "get_rank",
     "get_world_size",

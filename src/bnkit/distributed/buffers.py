@@ -1,0 +1,129 @@
+"""Coalesced in-place agreement of tensors across ranks (average or broadcast), one collective per dtype.
+
+Used at epoch end to make the running statistics of unsynchronised BatchNorm layers agree (timm's
+``--dist-bn``). Tensors are flattened into one buffer per (dtype, device), so a ResNet's 100+ buffers cost a
+handful of collectives, and copied back only after every collective succeeded (nothing is left half-changed).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bnkit.distributed import comm
+
+__all__ = ["average_", "broadcast_"]
+
+
+def _check_layout(tensors: Sequence[Tensor], group: Any, what: str, names: Sequence[str] | None) -> None:
+    # Ranks with different models would hand the backend buffers of different sizes, which aborts the
+    # process (gloo) instead of raising; one tiny header exchange turns that into a clear error.
+    fingerprint = zlib.crc32("|".join(names or []).encode()) & 0x7FFFFFFF
+    header = torch.tensor(
+        [len(tensors), sum(t.numel() for t in tensors), fingerprint],
+        dtype=torch.int64,
+        device=tensors[0].device if tensors else "cpu",
+    )
+    headers = comm.all_gather(header, group, what)
+    bad = [r for r in range(headers.shape[0]) if not torch.equal(headers[r], header)]
+    if bad:
+        raise comm.SyncMismatchError(
+            f"{what}: rank(s) {bad} hold different layers or buffer shapes than rank {comm.get_rank(group)} "
+            f"({len(tensors)} tensors, {int(header[1])} values); every rank must pass the same model"
+        )
+
+
+def _buckets(tensors: Sequence[Tensor]) -> dict[tuple[torch.dtype, torch.device], list[Tensor]]:
+    buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.dtype, t.device), []).append(t)
+    return buckets
+
+
+@torch.no_grad()
+def average_(
+    tensors: Sequence[Tensor], group: Any = None, *, what: str = "average_", names: Sequence[str] | None = None
+) -> None:
+    """Replace each floating-point tensor by its mean over the ranks of ``group``, in place.
+
+    Sums in float64 where the dtype is narrower, so the average of float32/float16 buffers rounds once.
+    Non-floating tensors are an error (average them yourself). A no-op outside ``torch.distributed`` or with
+    one rank.
+
+    Args:
+        tensors: Tensors of the same shapes on every rank, in the same order.
+        group: Process group (default: the world).
+        what: Name used in error messages.
+        names: Optional names of the tensors; ranks must agree on them (checked).
+
+    Example:
+        >>> t = torch.ones(3)
+        >>> average_([t])  # not distributed: unchanged
+        >>> t.tolist()
+        [1.0, 1.0, 1.0]
+    """
+    if not comm.is_active(group):
+        return
+    for t in tensors:
+        if not t.is_floating_point():
+            raise TypeError(f"{what}: can only average floating-point tensors, got {t.dtype}")
+    _check_layout(tensors, group, what, names)
+    world = comm.get_world_size(group)
+    results: list[tuple[list[Tensor], Tensor]] = []
+    for (_, _), bucket in _buckets(tensors).items():
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in bucket])
+        comm.all_reduce_sum(flat, group, what)
+        results.append((bucket, flat / world))
+    for bucket, flat in results:
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
+            offset += t.numel()
+
+
+@torch.no_grad()
+def broadcast_(
+    tensors: Sequence[Tensor],
+    group: Any = None,
+    *,
+    src: int = 0,
+    what: str = "broadcast_",
+    names: Sequence[str] | None = None,
+) -> None:
+    """Overwrite each tensor with its value on rank ``src`` of ``group`` (any dtype), in place.
+
+    A no-op outside ``torch.distributed`` or with one rank.
+
+    Args:
+        tensors: Tensors of the same shapes and dtypes on every rank, in the same order.
+        group: Process group (default: the world).
+        src: Rank within ``group`` whose values win.
+        what: Name used in error messages.
+        names: Optional names of the tensors; ranks must agree on them (checked).
+
+    Example:
+        >>> t = torch.zeros(2)
+        >>> broadcast_([t])  # not distributed: unchanged
+        >>> t.tolist()
+        [0.0, 0.0]
+    """
+    if not comm.is_active(group):
+        return
+    world = comm.get_world_size(group)
+    if not 0 <= src < world:
+        raise ValueError(f"{what}: src must be a rank in 0..{world - 1}. Received: src={src}")
+    _check_layout(tensors, group, what, names)
+    results: list[tuple[list[Tensor], Tensor]] = []
+    for (_, _), bucket in _buckets(tensors).items():
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        comm.broadcast(flat, src, group, what)
+        results.append((bucket, flat))
+    for bucket, flat in results:
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
+            offset += t.numel()
