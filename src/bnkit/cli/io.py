@@ -45,6 +45,7 @@ __all__ = [
     "CliError",
     "DataSource",
     "LoadedModel",
+    "check_output_path",
     "extract_state_dict",
     "is_factory_spec",
     "load_data",
@@ -414,6 +415,31 @@ def load_data(spec: str, *, batch_size: int = 64) -> DataSource:
                    "package.module:factory")
 
 
+def check_output_path(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Validate an output path before any work: not an input file, an existing directory, not a directory.
+
+    Raises:
+        CliError: ``path`` is one of ``inputs`` (or the same file through a link), or its directory is missing.
+
+    Example:
+        >>> check_output_path("out.pt", ["model.pt"]).name
+        'out.pt'
+    """
+    target = Path(path)
+    for item in inputs:
+        source = Path(item)
+        if target.resolve() == source.resolve() or (
+            target.exists() and source.exists() and os.path.samefile(target, source)
+        ):
+            raise CliError(f"refusing to overwrite the input file {str(source)!r}: choose another -o/--output")
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise CliError(f"output directory {str(directory)!r} does not exist")
+    if target.is_dir():
+        raise CliError(f"output {str(target)!r} is a directory: give a file name")
+    return target
+
+
 def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], *,
                  inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
     """Write a file through a temporary file in the same directory and ``os.replace``; never over an input.
@@ -430,24 +456,18 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         >>> write_atomic(out, lambda f: f.write(b"ok")).read_bytes()
         b'ok'
     """
-    target = Path(path)
-    for item in inputs:
-        source = Path(item)
-        if target.resolve() == source.resolve() or (
-            target.exists() and source.exists() and os.path.samefile(target, source)
-        ):
-            raise CliError(f"refusing to overwrite the input file {str(source)!r}: choose another -o/--output")
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise CliError(f"output directory {str(directory)!r} does not exist")
-    if target.is_dir():
-        raise CliError(f"output {str(target)!r} is a directory: give a file name")
+    target = check_output_path(path, inputs)
+    directory = target.parent
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates the file 0600; give it the permissions a plain open() would have
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(OSError):

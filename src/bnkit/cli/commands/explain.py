@@ -19,8 +19,8 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     Example:
         >>> from bnkit.cli.main import build_parser as main_parser
-        >>> main_parser("explain").parse_args(["explain", "m.pt"]).func is run
-        True
+        >>> main_parser("explain").parse_args(["explain", "m.pt"]).model
+        'm.pt'
     """
     parser = subparsers.add_parser(NAME, help=HELP, description=HELP + ". One row per norm layer.")
     add_model_arguments(parser)

@@ -1,0 +1,92 @@
+"""``bnkit convert MODEL --to KIND -o OUT``: convert BatchNorm layers (bnkit.convert)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from bnkit.cli.commands import add_input_size, add_model_arguments, example_from_size, parse_size
+from bnkit.cli.commands._save import add_output_arguments, check_output, write_model
+from bnkit.cli.io import load_model, require_eager
+from bnkit.cli.output import Table
+
+NAME = "convert"
+HELP = "convert BatchNorm layers: bnkit, torch, sync, group"
+TARGETS = ("bnkit", "bnkit-sync", "torch", "sync", "group")
+
+
+def build_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``convert``.
+
+    Example:
+        >>> from bnkit.cli.main import build_parser as main_parser
+        >>> main_parser("convert").parse_args(["convert", "m.pt", "--to", "torch", "-o", "t.pt"]).to
+        'torch'
+    """
+    parser = subparsers.add_parser(
+        NAME, help=HELP,
+        description="Convert every BatchNorm layer: to bnkit.BatchNorm (exact), to plain torch BatchNorm (also "
+        "from SyncBatchNorm), to SyncBatchNorm, or to GroupNorm; write the model to OUT.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--to", required=True, choices=TARGETS, help="target form")
+    add_output_arguments(parser, auto="module")
+    parser.add_argument("--groups", type=int, default=None, help="--to group: number of groups (default: the "
+                        "largest divisor of the channels <= 32)")
+    add_input_size(parser, "input shape without the batch dimension: tells --to torch/group each layer's rank")
+    parser.add_argument("--no-strict", dest="strict", action="store_false",
+                        help="--to torch: drop bnkit settings torch cannot express instead of refusing")
+    parser.set_defaults(func=run, render=render)
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Convert and write; returns which layers changed type and the output path.
+
+    Example:
+        >>> run(argparse.Namespace(model="m.pt", weights=None, to="bnkit", output="b.pt", format="auto",
+        ...     groups=None, input_size=None, strict=True))  # doctest: +SKIP
+    """
+    from bnkit.tools.convert import convert
+
+    loaded = load_model(args.model, args.weights)
+    model = require_eager(loaded, NAME)
+    check_output(loaded, args)
+    example = example_from_size(model, parse_size(args.input_size), 2) if args.input_size else None
+    before = {name: type(m).__name__ for name, m in model.named_modules()}
+    converted = convert(model, args.to, example_inputs=example, groups=args.groups, strict=args.strict)
+    layers = [
+        {"layer": name, "from": before[name], "to": type(m).__name__}
+        for name, m in converted.named_modules()
+        if name in before and before[name] != type(m).__name__
+    ]
+    written = write_model(converted, loaded, args, auto="module", extra_inputs=[], example_inputs=example)
+    return {**written, "to": args.to, "converted": layers}
+
+
+def render(data: dict[str, Any]) -> list[Table | str]:
+    """The converted layers and the file written.
+
+    Example:
+        >>> render({"converted": [], "output": "b.pt", "format": "module", "to": "bnkit"})
+        ['wrote b.pt (module): 0 layers converted to bnkit']
+    """
+    blocks: list[Table | str] = []
+    if data["converted"]:
+        blocks.append(Table(None, ["layer", "from", "to"], [[c["layer"], c["from"], c["to"]]
+                                                             for c in data["converted"]]))
+    blocks.append(f"wrote {data['output']} ({data['format']}): {len(data['converted'])} layers converted to "
+                  f"{data['to']}")
+    return blocks
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``bnkit convert`` alone.
+
+    Example:
+        >>> main(["m.pt", "--to", "bnkit", "-o", "b.pt"])  # doctest: +SKIP
+    """
+    from bnkit.cli.main import main as cli_main
+
+    return cli_main([NAME, *(argv or [])])

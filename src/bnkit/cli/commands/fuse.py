@@ -1,0 +1,111 @@
+"""``bnkit fuse MODEL -o OUT``: fold every foldable inference BatchNorm into its neighbour (bnkit.fuse)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from bnkit.cli.commands import add_input_size, add_model_arguments, example_from_size, parse_size
+from bnkit.cli.commands._save import add_output_arguments, check_output, write_model
+from bnkit.cli.io import CliError, load_model, require_eager
+from bnkit.cli.output import Table
+
+NAME = "fuse"
+HELP = "fold BatchNorm into neighbouring conv/linear layers for deployment"
+
+
+def build_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``fuse``.
+
+    Example:
+        >>> from bnkit.cli.main import build_parser as main_parser
+        >>> main_parser("fuse").parse_args(["fuse", "m.pt", "-o", "f.pt"]).check
+        True
+    """
+    parser = subparsers.add_parser(
+        NAME, help=HELP,
+        description="Fold BatchNorm layers into the conv/linear layers next to them (eval mode), check that the "
+        "fused model gives the same outputs, and write it to OUT. The input file is never changed.",
+    )
+    add_model_arguments(parser)
+    add_output_arguments(parser, auto="module")
+    add_input_size(parser, "input shape without the batch dimension for the check (default: generated from "
+                   "the first layer)")
+    parser.add_argument("--batch-size", type=int, default=2, help="batch of the check input (2)")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="do not compare fused and original outputs")
+    parser.add_argument("--atol", type=float, default=None, help="absolute tolerance of the check")
+    parser.add_argument("--rtol", type=float, default=None, help="relative tolerance of the check")
+    parser.set_defaults(func=run, render=render)
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Fuse, check and write; returns the fuse report with the output path.
+
+    Example:
+        >>> run(argparse.Namespace(model="m.pt", weights=None, output="f.pt", format="auto", input_size=None,
+        ...                        batch_size=2, check=True, atol=None, rtol=None))  # doctest: +SKIP
+    """
+    from bnkit.tools.fuse import fuse_with_report
+
+    loaded = load_model(args.model, args.weights)
+    model = require_eager(loaded, NAME)
+    check_output(loaded, args)
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    example = example_from_size(model, parse_size(args.input_size), args.batch_size) if args.input_size else None
+    try:
+        fused, report = fuse_with_report(model, example, check=args.check, atol=args.atol, rtol=args.rtol)
+    except ValueError as exc:
+        if "example_inputs" in str(exc) and example is None:
+            reason = _first_line(exc).split("; pass example_inputs")[0]
+            raise CliError(f"{reason}: give --input-size C,H,W for the check (or --no-check)") from exc
+        raise
+    written = write_model(fused, loaded, args, auto="module", extra_inputs=[], example_inputs=example)
+    return {**written, **report.to_dict()}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def render(data: dict[str, Any]) -> list[Table | str]:
+    """Folded and skipped layers, the check, the file written.
+
+    Example:
+        >>> render({"folded": [], "skipped": [], "notes": [], "checked": False, "max_abs_diff": None,
+        ...         "tolerance": None, "output": "f.pt", "format": "module"})[-1]
+        'wrote f.pt (module); 0 BatchNorm layers folded, 0 skipped; not checked'
+    """
+    blocks: list[Table | str] = []
+    if data["folded"]:
+        keys = list(data["folded"][0])
+        blocks.append(Table("folded", keys, [[f[k] for k in keys] for f in data["folded"]]))
+    if data["skipped"]:
+        keys = list(data["skipped"][0])
+        blocks.append(Table("skipped", keys, [[s[k] for k in keys] for s in data["skipped"]]))
+    blocks.extend(data.get("notes") or [])
+    check = (
+        f"checked: max |diff| {data['max_abs_diff']:.3g} <= {data['tolerance']:.3g}"
+        if data["checked"] and data["max_abs_diff"] is not None and data["tolerance"] is not None
+        else "not checked"
+    )
+    blocks.append(
+        f"wrote {data['output']} ({data['format']}); {len(data['folded'])} BatchNorm layers folded, "
+        f"{len(data['skipped'])} skipped; {check}"
+    )
+    return blocks
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``bnkit fuse`` alone.
+
+    Example:
+        >>> main(["m.pt", "-o", "fused.pt"])  # doctest: +SKIP
+    """
+    from bnkit.cli.main import main as cli_main
+
+    return cli_main([NAME, *(argv or [])])

@@ -1,0 +1,374 @@
+"""``bnkit study``: should I freeze BatchNorm when fine-tuning? The measured answer, rerunnable in minutes.
+
+Without a model it runs the bundled experiment (scikit-learn digits with domain shifts; see
+:mod:`bnkit.study`). With ``--model`` it runs the same fine-tuning policies on your model and labelled data:
+
+    bnkit study --model mypkg.nets:resnet --weights ckpt.pt --target-data target.pt [--source-data source.pt]
+
+Labelled data (``--source-data``/``--target-data``): a ``.pt``/``.pth`` file holding an ``(inputs, labels)``
+pair or a dict with inputs under ``x``/``inputs``/``input``/``data``/``images`` and labels under
+``y``/``labels``/``label``/``targets``/``target``; a ``.npz`` with the same keys; or ``package.module:factory``
+returning such a pair or an iterable of ``(inputs, labels)`` batches. Models as every bnkit command takes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bnkit.cli.io import CliError, is_factory_spec, load_model, require_eager
+from bnkit.cli.output import Table
+
+NAME = "study"
+HELP = "should I freeze BatchNorm when fine-tuning? measured answer"
+
+_INPUT_KEYS = ("x", "inputs", "input", "data", "images")
+_LABEL_KEYS = ("y", "labels", "label", "targets", "target")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from exc
+
+
+def build_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``study``.
+
+    Example:
+        >>> from bnkit.cli.main import build_parser as main_parser
+        >>> args = main_parser("study").parse_args(["study", "--quick", "--seeds", "0", "1", "2"])
+        >>> args.quick, args.seeds, args.out
+        (True, [0, 1, 2], 'bnkit-study')
+    """
+    from bnkit.study.data import DOMAINS
+    from bnkit.study.experiments import BATCH_NORMS
+    from bnkit.study.policies import POLICIES
+
+    policy_help = ", ".join(f"{p.number}={k}" for k, p in POLICIES.items())
+    parser = subparsers.add_parser(
+        NAME,
+        help=HELP,
+        description="Pre-train a small BatchNorm network on scikit-learn's bundled digits, adapt it to shifted "
+        "target domains with six fine-tuning policies (BN frozen or not, BN only, recalibration...), train "
+        "from scratch at batch sizes 2-32 with BatchNorm, GroupNorm, Batch Renorm and ghost batches, check "
+        "bnkit.fuse, and report mean and spread over seeds with a conclusion derived from the numbers. With "
+        "--model: the same policies on your model and labelled data.",
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and batch sizes (about a minute)")
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="seeds to repeat everything with (default 0 1 2; at least 3 for a spread)",
+    )
+    parser.add_argument(
+        "--domains",
+        nargs="+",
+        default=None,
+        metavar="DOMAIN",
+        choices=list(DOMAINS),
+        help=f"target domains (default all: {', '.join(DOMAINS)})",
+    )
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=None,
+        metavar="POLICY",
+        help=f"policies by name or number (default all: {policy_help})",
+    )
+    parser.add_argument(
+        "--norms",
+        nargs="+",
+        default=None,
+        metavar="NORM",
+        choices=list(BATCH_NORMS),
+        help=f"norms of the batch-size experiment (default all: {', '.join(BATCH_NORMS)})",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="B",
+        help="batch sizes of the batch-size experiment (default 2 4 8 16 32; --quick 2 8 32)",
+    )
+    parser.add_argument("--no-batch-study", action="store_true", help="skip the batch-size experiment")
+    parser.add_argument("--no-fuse", action="store_true", help="skip the bnkit.fuse check")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="worker processes (default: one per CPU core); results do not depend on it",
+    )
+    parser.add_argument(
+        "--out",
+        default="bnkit-study",
+        metavar="DIR",
+        help="output directory for results.json, report.md and plots (default bnkit-study)",
+    )
+    own = parser.add_argument_group("your own model and data")
+    own.add_argument(
+        "--model",
+        default=None,
+        metavar="MODEL",
+        help="package.module:factory or a module saved with torch.save (trusted files only)",
+    )
+    own.add_argument("--weights", default=None, metavar="CKPT", help="state dict to load into --model")
+    own.add_argument(
+        "--source-data",
+        default=None,
+        metavar="DATA",
+        help="labelled source-domain data (optional: source accuracy, reference shift score)",
+    )
+    own.add_argument("--target-data", default=None, metavar="DATA", help="labelled target-domain data")
+    own.add_argument(
+        "--target-split",
+        type=float,
+        default=0.5,
+        metavar="FRACTION",
+        help="share of each target class used for adaptation, the rest for testing (0.5)",
+    )
+    own.add_argument(
+        "--head",
+        default=None,
+        metavar="NAME",
+        help="qualified name of the head trained by policies 1 and 6 (default: the last Linear)",
+    )
+    own.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 30; --quick 15)")
+    own.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch size (32)")
+    own.add_argument("--lr", type=float, default=1e-3, help="fine-tuning Adam learning rate (1e-3)")
+    parser.set_defaults(func=run, render=render)
+    return parser
+
+
+def _labelled_from_object(obj: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+
+    def tensor(value: Any, what: str) -> torch.Tensor:
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if not isinstance(value, torch.Tensor):
+            raise CliError(f"data {where}: {what} must be a tensor or array, found a {type(value).__name__}")
+        return value
+
+    if isinstance(obj, dict):
+        xk = next((k for k in _INPUT_KEYS if k in obj), None)
+        yk = next((k for k in _LABEL_KEYS if k in obj), None)
+        if xk is None or yk is None:
+            raise CliError(
+                f"data {where}: labelled data needs inputs under one of {', '.join(_INPUT_KEYS)} and labels "
+                f"under one of {', '.join(_LABEL_KEYS)}; found keys {', '.join(map(str, obj))}"
+            )
+        return tensor(obj[xk], "inputs"), tensor(obj[yk], "labels")
+    if isinstance(obj, (tuple, list)) and len(obj) == 2 and not isinstance(obj[0], (tuple, list)):
+        return tensor(obj[0], "inputs"), tensor(obj[1], "labels")
+    if isinstance(obj, (tuple, list)) or hasattr(obj, "__iter__"):
+        xs, ys = [], []
+        for batch in obj:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise CliError(f"data {where}: expected (inputs, labels) batches, found a {type(batch).__name__}")
+            xs.append(tensor(batch[0], "inputs"))
+            ys.append(tensor(batch[1], "labels"))
+        if not xs:
+            raise CliError(f"data {where} yielded no batches")
+        return torch.cat(xs), torch.cat(ys)
+    raise CliError(f"data {where}: expected an (inputs, labels) pair, a dict or (inputs, labels) batches")
+
+
+def load_labelled(spec: str) -> Any:
+    """Load labelled data (see the module docstring for the formats) as a :class:`bnkit.study.data.Dataset`.
+
+    Raises:
+        CliError: missing file, unknown format, no labels, labels that are not one integer per sample.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "d.pt"
+        >>> torch.save((torch.zeros(4, 3), torch.tensor([0, 1, 0, 1])), path)
+        >>> len(load_labelled(str(path)))
+        4
+    """
+    import numpy as np
+
+    from bnkit.study.data import Dataset
+
+    if is_factory_spec(spec):
+        from bnkit.cli.io import _call_factory
+
+        x, y = _labelled_from_object(_call_factory(spec, "data"), spec)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise CliError(f"data file {spec!r} not found")
+        suffix = path.suffix.lower()
+        if suffix in (".pt", ".pth"):
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception as exc:  # corrupt file, pickled code
+                raise CliError(f"cannot load data file {spec!r}: {str(exc).strip().splitlines()[0]}") from exc
+            x, y = _labelled_from_object(obj, spec)
+        elif suffix == ".npz":
+            try:
+                with np.load(path, allow_pickle=False) as arrays:
+                    x, y = _labelled_from_object({k: arrays[k] for k in arrays.files}, spec)
+            except (OSError, ValueError) as exc:
+                raise CliError(f"cannot load data file {spec!r}: {str(exc).strip().splitlines()[0]}") from exc
+        else:
+            raise CliError(
+                f"labelled data {spec!r}: use a .pt/.pth (inputs, labels) pair, a .npz with x and y arrays, or "
+                "package.module:factory (a .npy file holds no labels)"
+            )
+    if x.ndim < 2 or len(x) == 0:
+        raise CliError(f"data {spec!r}: inputs of shape {list(x.shape)}; expected [samples, ...] with samples > 0")
+    if not x.is_floating_point() or x.dtype == torch.float64:
+        x = x.float()
+    if y.ndim != 1 or (y.is_floating_point() and not torch.equal(y, y.round())) or len(y) != len(x):
+        raise CliError(
+            f"data {spec!r}: labels must be one class index per sample (got shape {list(y.shape)} for {len(x)} samples)"
+        )
+    return Dataset(x, y.long())
+
+
+def _command_line(argv: Sequence[str] | None = None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return "bnkit " + " ".join(shlex.quote(a) for a in args)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the bundled study, or the custom one when ``--model`` is given; returns the results dict.
+
+    Example:
+        >>> run(argparse.Namespace(quick=True, model=None))  # doctest: +SKIP
+    """
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CliError(f"--out {args.out!r} exists and is not a directory")
+    console = _stderr_console()
+    command = _command_line()
+    if args.model is not None:
+        return _run_custom(args, console, command)
+    if args.weights or args.source_data or args.target_data:
+        raise CliError("--weights, --source-data and --target-data need --model")
+    from dataclasses import replace
+
+    from bnkit.study.experiments import StudyConfig
+    from bnkit.study.run import run_study
+
+    try:
+        cfg = StudyConfig.quick_config() if args.quick else StudyConfig()
+        overrides: dict[str, Any] = {}
+        if args.seeds is not None:
+            overrides["seeds"] = tuple(args.seeds)
+        if args.domains is not None:
+            overrides["domains"] = tuple(args.domains)
+        if args.policies is not None:
+            overrides["policies"] = tuple(args.policies)
+        if args.norms is not None:
+            overrides["batch_norms"] = tuple(args.norms)
+        if args.batch_sizes is not None:
+            overrides["batch_sizes"] = tuple(args.batch_sizes)
+        if args.no_batch_study:
+            overrides["batch_sizes"] = ()
+        if args.no_fuse:
+            overrides["fuse"] = False
+        if args.epochs is not None:
+            overrides["finetune"] = replace(cfg.finetune, epochs=args.epochs)
+        cfg = replace(cfg, **overrides)
+        return run_study(cfg, out=args.out, jobs=args.jobs, console=console, command=command)
+    except ImportError as exc:
+        raise CliError(f'{exc} (pip install "bnkit[study]")') from exc
+
+
+def _run_custom(args: argparse.Namespace, console: Any, command: str) -> dict[str, Any]:
+    from bnkit.study.custom import run_custom_study
+    from bnkit.study.policies import POLICIES, FinetuneSettings
+
+    if args.target_data is None:
+        raise CliError("--model needs --target-data: labelled data of the domain to adapt to")
+    model = require_eager(load_model(args.model, args.weights), NAME)
+    target = load_labelled(args.target_data)
+    source = load_labelled(args.source_data) if args.source_data else None
+    settings = FinetuneSettings(
+        epochs=args.epochs or (15 if args.quick else 30),
+        batch_size=args.batch_size,
+        lr=args.lr,
+        head=args.head or "",
+    )
+    if args.head is not None:
+        try:
+            model.get_submodule(args.head)
+        except AttributeError as exc:
+            raise CliError(f"--head {args.head!r}: the model has no module of that name") from exc
+    name = Path(args.target_data).stem if not is_factory_spec(args.target_data) else "target"
+    return run_custom_study(
+        model,
+        target,
+        source,
+        seeds=tuple(args.seeds) if args.seeds else (0, 1, 2),
+        policies=tuple(args.policies) if args.policies else tuple(POLICIES),
+        finetune=settings,
+        target_train_fraction=args.target_split,
+        target_name=name,
+        fuse=not args.no_fuse,
+        out=args.out,
+        console=console,
+        command=command,
+    )
+
+
+def _stderr_console() -> Any:
+    if not sys.stderr.isatty() or os.environ.get("BNKIT_PLAIN"):
+        return None
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    return Console(stderr=True)
+
+
+def render(data: dict[str, Any]) -> list[Table | str]:
+    """The policy table, the shift table, the batch-size table and the conclusion.
+
+    Example:
+        >>> render({"summary": {"finetune": {}, "winners": {}}, "conclusion": ["done"]})[-1]
+        'done'
+    """
+    from bnkit.study.report import batch_table, policy_table, shift_table
+
+    summary = data.get("summary", {})
+    blocks: list[Table | str] = []
+    if summary.get("finetune"):
+        header, rows = policy_table(summary)
+        blocks.append(Table("held-out target accuracy (%), mean ± std over seeds; * = best", header, rows))
+    if summary.get("shift"):
+        header, rows = shift_table(summary)
+        blocks.append(Table("bnkit.shift score of the source model vs what won", header, rows))
+    if summary.get("batch_size"):
+        header, rows = batch_table(summary, data.get("batch_norm_titles"))
+        blocks.append(Table("accuracy (%) vs per-step batch size, trained from scratch", header, rows))
+    blocks.extend(data.get("conclusion", []))
+    files = data.get("files")
+    if files:
+        blocks.append("written: " + ", ".join(files.values()))
+    return blocks
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``bnkit study`` alone.
+
+    Example:
+        >>> main(["--quick"])  # doctest: +SKIP
+    """
+    from bnkit.cli.main import main as cli_main
+
+    return cli_main([NAME, *(argv or [])])
