@@ -681,6 +681,8 @@ class _Analysis:
             return any(a == target or a.startswith(target + ".") for a in attrs)
 
         def layer_of(node: Any) -> tuple[str | None, nn.Module | None, str | None]:
+            if isinstance(node, fx.Node) and node.op == "placeholder":
+                return None, None, f"it reads the forward's argument `{node.target}` directly"
             if not isinstance(node, fx.Node) or node.op != "call_module":
                 what = node.target if isinstance(node, fx.Node) else type(node).__name__
                 return None, None, f"`{getattr(what, '__name__', what)}` is not a Conv/ConvTranspose/Linear module"
