@@ -468,6 +468,15 @@ def test_module_patterns_are_used_when_tracing_fails(monkeypatch: pytest.MonkeyP
     assert_matches(fused, model, x)
 
 
+def test_example_inputs_are_not_changed_by_an_in_place_first_layer():
+    model = randomize(nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    x = torch.randn(2, 3, 6, 6)
+    before = x.clone()
+    fused, report = fuse_with_report(model, x)
+    assert torch.equal(x, before) and len(report.folded) == 1
+    assert_matches(fused, model, x.clone())
+
+
 def test_check_failure_raises_one_line_and_leaves_the_model_untouched():
     model = resnet_style()
     state = copy.deepcopy(model.state_dict())

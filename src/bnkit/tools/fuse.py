@@ -261,7 +261,7 @@ def fuse_with_report(
     if check:
         assert args is not None
         with torch.no_grad():
-            out = work(*args)
+            out = work(*_fresh(args))
         problem = _compare(reference, out, atol, rtol)
         report.checked = True
         report.max_abs_diff, report.tolerance = problem[1], problem[2]
@@ -294,6 +294,13 @@ def _as_args(example_inputs: Any) -> tuple[Any, ...]:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
+def _fresh(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Copies of the tensors in ``args``, so an in-place first layer cannot change the inputs between runs."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda value: value.clone() if isinstance(value, Tensor) else value, args)
+
+
 def _run_recording(model: nn.Module, args: tuple[Any, ...], ranks: dict[str, list[int]]) -> Any:
     """Run ``model(*args)`` without gradient, recording the input rank of every layer and BatchNorm call."""
     handles = []
@@ -311,7 +318,7 @@ def _run_recording(model: nn.Module, args: tuple[Any, ...], ranks: dict[str, lis
             handles.append(module.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():
-            out = model(*args)
+            out = model(*_fresh(args))
     finally:
         for handle in handles:
             handle.remove()
@@ -917,7 +924,7 @@ def _find_culprit(
         for op in plan:
             _apply(trial, op)
             with torch.no_grad():
-                if _compare(reference, trial(*args), atol, rtol)[0]:
+                if _compare(reference, trial(*_fresh(args)), atol, rtol)[0]:
                     return f", first after folding {op.bn} into {op.layer} ({op.position})"
     except Exception:  # the diagnosis is best effort; the main error is raised anyway
         return ""
