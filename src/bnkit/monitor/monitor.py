@@ -80,6 +80,8 @@ _LOG_VERSION = 1
 _F32_SUM_REL_ERR = 2e-6
 # One-pass variances are accepted while their error bound stays below this fraction of max(var, eps).
 _VAR_REL_TOL = 1e-3
+# Below this many contiguous values per (sample, channel), reducing over the outer dimension is faster.
+_INNER_MIN = 32
 
 
 class MonitorWarning(UserWarning):
@@ -170,21 +172,47 @@ class _Layer:
         self.records = 0
 
 
-class _Pending:
-    """Statistics of one layer taken during a forward call, not yet summarised."""
+#: Rows of a layer's packed statistics (see :class:`_Pending`).
+_ROWS = ("stat0", "stat1", "running_mean", "running_var", "weight", "bias")
+_STATE_KEYS = _ROWS[2:]
 
-    __slots__ = ("bias", "count", "layer", "mean", "nbt", "running", "uses_batch", "var", "weight")
+
+class _Pending:
+    """Statistics of one layer taken during a forward call, not yet summarised.
+
+    ``packed`` is a float64 ``[6, C]`` tensor with the rows of :data:`_ROWS`: the first two are the batch's
+    float32 sums and sums of squares when ``raw`` (the CPU fast path, finished at flush time for all layers
+    at once), else its mean and biased variance; then the snapshot of the layer's tensors, NaN where the
+    layer has no such tensor (``state_keys`` names those it has).
+    """
+
+    __slots__ = ("count", "layer", "nbt", "packed", "raw", "state", "state_keys", "uses_batch")
 
     def __init__(self, layer: _Layer) -> None:
         self.layer = layer
-        self.running: Tensor | None = None
-        self.nbt: Tensor | None = None
-        self.weight: Tensor | None = None
-        self.bias: Tensor | None = None
-        self.mean: Tensor | None = None
-        self.var: Tensor | None = None
+        self.state: Tensor | None = None
+        self.state_keys: tuple[str, ...] = ()
+        self.nbt: int | Tensor | None = None
+        self.packed: Tensor | None = None
+        self.raw = False
         self.count = 0
         self.uses_batch = True
+
+    def pack(self, stats: Tensor) -> None:
+        """Store the batch statistics together with the snapshot, as one float64 tensor."""
+        if self.state_keys == _STATE_KEYS:
+            packed = torch.cat((stats, self.state.to(stats.dtype)))
+        else:
+            packed = torch.full((len(_ROWS), stats.shape[1]), math.nan, dtype=torch.float64, device=stats.device)
+            packed[:2] = stats
+            for i, key in enumerate(self.state_keys):
+                packed[_ROWS.index(key)] = self.state[i]
+        self.packed = packed.to(torch.float64)
+        self.state = None
+
+    def snapshot(self, key: str) -> Tensor | None:
+        """Row ``key`` of the packed snapshot, or None when the layer has no such tensor."""
+        return self.packed[_ROWS.index(key)] if key in self.state_keys else None
 
 
 class Monitor:
@@ -462,15 +490,26 @@ class Monitor:
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return
         pending = _Pending(layer)
-        with torch.no_grad():
-            running_mean = getattr(module, "running_mean", None)
-            running_var = getattr(module, "running_var", None)
-            if isinstance(running_mean, Tensor) and isinstance(running_var, Tensor):
-                # Cloned here because the forward call updates the buffers in place.
-                pending.running = torch.stack((running_mean.detach(), running_var.detach()))
+        keys, tensors = [], []
+        for key in ("running_mean", "running_var", "weight", "bias"):
+            value = getattr(module, key, None)
+            if isinstance(value, Tensor):
+                keys.append(key)
+                tensors.append(value.detach())
+        if "running_var" in keys and "running_mean" not in keys:  # half a pair is no running statistics
+            keys, tensors = keys[1:], tensors[1:]
+        if tensors:
+            with torch.no_grad():
+                # A copy taken now: the forward call updates the buffers in place, the optimizer the parameters.
+                if all(t.dtype == tensors[0].dtype and t.shape == tensors[0].shape for t in tensors):
+                    pending.state = torch.stack(tensors)
+                else:
+                    pending.state = torch.stack([t.to(torch.float64).flatten() for t in tensors])
+                pending.state_keys = tuple(keys)
                 nbt = getattr(module, "num_batches_tracked", None)
-                if isinstance(nbt, Tensor):
-                    pending.nbt = nbt.detach().clone()
+                if "running_mean" in keys and isinstance(nbt, Tensor):
+                    # A Python int costs nothing on CPU; elsewhere a copy avoids a device sync.
+                    pending.nbt = int(nbt) if nbt.device.type == "cpu" else nbt.detach().clone()
         self._open[id(module)] = pending
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -495,12 +534,8 @@ class Monitor:
             uses_batch = bool(module.training) or getattr(module, "running_mean", None) is None
             axis = 1
         with torch.no_grad():
-            mean, var, count = _channel_moments(x.detach(), axis, mask, layer.eps)
-            weight = getattr(module, "weight", None)
-            bias = getattr(module, "bias", None)
-            pending.weight = weight.detach().clone() if isinstance(weight, Tensor) else None
-            pending.bias = bias.detach().clone() if isinstance(bias, Tensor) else None
-        pending.mean, pending.var, pending.count = mean, var, count
+            stats, pending.raw, pending.count = _channel_moments(x.detach(), axis, mask, layer.eps)
+            pending.pack(stats)
         pending.uses_batch = uses_batch
         layer.seen_step = self.global_step
         self._pending.append(pending)
@@ -522,7 +557,7 @@ class Monitor:
         if not pending:
             return []
         now = time.time()
-        table = _summarize(pending)
+        table, means, variances = _summarize(pending)
         step = self.global_step
         records = []
         for p, row in zip(pending, table, strict=True):
@@ -534,21 +569,17 @@ class Monitor:
                 "time": now,
                 "layer": layer.name,
                 "uses_batch_stats": p.uses_batch,
-                "channels": int(p.mean.numel()),
+                "channels": int(p.packed.shape[1]),
                 "count": p.count,
                 "num_batches_tracked": None if p.nbt is None else int(row[len(QUANTITIES)]),
             }
-            has = {
-                "running": p.running is not None,
-                "weight": p.weight is not None,
-                "bias": p.bias is not None,
-            }
+            has_running = "running_mean" in p.state_keys
             for name, value in zip(QUANTITIES, row, strict=False):
-                if name.startswith(("running_", "drift")) and not has["running"]:
+                if name.startswith(("running_", "drift")) and not has_running:
                     record[name] = None
-                elif name == "weight_norm" and not has["weight"]:
+                elif name == "weight_norm" and "weight" not in p.state_keys:
                     record[name] = None
-                elif name == "bias_norm" and not has["bias"]:
+                elif name == "bias_norm" and "bias" not in p.state_keys:
                     record[name] = None
                 else:
                     record[name] = value
@@ -558,7 +589,7 @@ class Monitor:
             self.last[record["layer"]] = record
         if self.keep_history:
             self.history.extend(records)
-        self._write(records, alerts, pending, step, now)
+        self._write(records, alerts, pending, means, variances, step, now)
         return records
 
     def _check(self, layer: _Layer, record: dict[str, Any]) -> list[Alert]:
@@ -685,7 +716,14 @@ class Monitor:
             self._owns_writer = True
 
     def _write(
-        self, records: list[dict[str, Any]], alerts: list[Alert], pending: list[_Pending], step: int, now: float
+        self,
+        records: list[dict[str, Any]],
+        alerts: list[Alert],
+        pending: list[_Pending],
+        means: list[Tensor],
+        variances: list[Tensor],
+        step: int,
+        now: float,
     ) -> None:
         if self._file is not None:
             lines = [json.dumps(_jsonable(r), allow_nan=False) for r in records]
@@ -702,34 +740,28 @@ class Monitor:
                 if value is not None:
                     scalars.append((f"bn_{name}/{tag_layer}", value))
             scalars.append((f"bn_uses_batch_stats/{tag_layer}", float(record["uses_batch_stats"])))
-        _write_scalars(self._writer, scalars, step, now)
+        histograms: list[tuple[str, dict[str, Any]]] = []
         if self.histogram_every and step % self.histogram_every == 0:
-            for p in pending:
+            vectors: list[tuple[str, Tensor]] = []
+            for p, mean, var in zip(pending, means, variances, strict=True):
                 tag_layer = p.layer.name or "(model)"
-                vectors = {
-                    "batch_mean": p.mean,
-                    "batch_var": p.var,
-                    "running_mean": None if p.running is None else p.running[0],
-                    "running_var": None if p.running is None else p.running[1],
-                    "weight": p.weight,
-                    "bias": p.bias,
-                }
-                for name, vec in vectors.items():
-                    if vec is not None and bool(torch.isfinite(vec).all()):
-                        self._writer.add_histogram(
-                            f"bn_hist_{name}/{tag_layer}", vec.detach().double().cpu().numpy(), step, walltime=now
-                        )
+                vectors += [(f"bn_hist_batch_mean/{tag_layer}", mean), (f"bn_hist_batch_var/{tag_layer}", var)]
+                vectors += [(f"bn_hist_{key}/{tag_layer}", p.snapshot(key)) for key in p.state_keys]
+            histograms = _histograms(vectors)
+        _write_tensorboard(self._writer, scalars, histograms, step, now)
 
 
 # ---------------------------------------------------------------------- statistics
 
 
-def _channel_moments(x: Tensor, axis: int, mask: Tensor | None, eps: float) -> tuple[Tensor, Tensor, int]:
-    """Per-channel mean and biased variance (float64) of ``x`` over every axis but ``axis``; values per channel.
+def _channel_moments(x: Tensor, axis: int, mask: Tensor | None, eps: float) -> tuple[Tensor, bool, int]:
+    """Per-channel statistics of ``x`` over every axis but ``axis``: ``(stats [2, C], raw, values per channel)``.
 
-    ``torch.var_mean`` is the exact answer but runs several times slower than the layer itself on CPU, so on
-    CPU one pass of float32 sums and sums of squares is finished in float64; channels whose variance that
-    cannot resolve (``|mean| >> std``) make the layer fall back to an exact two-pass computation.
+    ``raw``: ``stats`` holds float32 sums and sums of squares, to be finished in float64 (:func:`_summarize`);
+    otherwise float64 mean and biased variance. ``torch.var_mean`` is exact but runs several times slower than
+    the BatchNorm layer itself on CPU, so on CPU one pass of float32 sums is used, unless a channel's
+    ``|mean| >> std`` would make ``E[x^2] - E[x]^2`` inaccurate (relative error above 1e-3 of
+    ``max(var, eps)``): then the layer's statistics are computed exactly in two passes.
     """
     channels = x.shape[axis]
     dims = tuple(d for d in range(x.ndim) if d != axis)
@@ -739,33 +771,37 @@ def _channel_moments(x: Tensor, axis: int, mask: Tensor | None, eps: float) -> t
         full_mask = mask.unsqueeze(axis).expand_as(x) if mask.ndim == x.ndim - 1 else mask
         m = channel_moments(x.double(), dims, full_mask)
         count = m.count.clamp_min(1.0)
-        return m.mean, m.m2 / count, int(m.count.min())
+        return torch.stack((m.mean, m.m2 / count)), False, int(m.count.min())
     count = x.numel() // channels
     if x.dtype in (torch.float16, torch.bfloat16) or not x.is_floating_point():
         x = x.float()
     if x.device.type != "cpu":
         var, mean = torch.var_mean(x, dim=dims, correction=0)
-        return mean.double(), var.double(), count
+        return torch.stack((mean, var)).double(), False, count
     flat = _channel_view(x, axis)
-    if flat.ndim == 3:  # (outer, C, inner), inner contiguous
+    if flat.ndim == 3 and flat.shape[2] >= _INNER_MIN:  # (outer, C, inner): reduce the contiguous inner run
         s1 = flat.sum(dim=2).sum(dim=0)
-        s2 = torch.linalg.vecdot(flat, flat, dim=2).sum(0)
-    else:  # (rows, C), channels contiguous
-        s1 = flat.sum(dim=0)
-        s2 = (flat * flat).sum(dim=0)
-    mean = s1.double() / count
-    raw = s2.double() / count
-    var = (raw - mean * mean).clamp_min(0.0)
-    err = _F32_SUM_REL_ERR * raw
-    if bool((err > _VAR_REL_TOL * var.clamp_min(eps)).any()):
-        shape = [1] * x.ndim
-        shape[axis] = channels
-        centred = x - mean.to(x.dtype).view(shape)
-        d1 = centred.sum(dim=dims).double() / count
-        d2 = (centred * centred).sum(dim=dims).double() / count
-        mean = mean + d1
-        var = (d2 - d1 * d1).clamp_min(0.0)
-    return mean, var, count
+        s2 = torch.linalg.vecdot(flat, flat, dim=2).sum(dim=0)
+    else:  # short inner runs: reduce over rows of (outer, C * inner), vectorised across the columns
+        rows = flat.reshape(flat.shape[0], -1)
+        s1 = rows.sum(dim=0)
+        s2 = torch.linalg.vecdot(rows, rows, dim=0)
+        if flat.ndim == 3:
+            s1 = s1.view(channels, -1).sum(dim=1)
+            s2 = s2.view(channels, -1).sum(dim=1)
+    # One-pass error bound ~ _F32_SUM_REL_ERR * E[x^2]; it exceeds _VAR_REL_TOL * max(var, eps) when
+    # mean^2 > (1 - r) E[x^2] (and E[x^2] > eps / r, left out: exactly zero channels never trigger),
+    # r = _F32_SUM_REL_ERR / _VAR_REL_TOL. One fused expression, one sync (free on CPU).
+    r = _F32_SUM_REL_ERR / _VAR_REL_TOL
+    if not bool(torch.addcmul(s2, s1, s1, value=-1.0 / ((1.0 - r) * count)).min() < 0):
+        return torch.stack((s1, s2)), True, count
+    shape = [1] * x.ndim
+    shape[axis] = channels
+    shift = (s1 / count).view(shape)
+    centred = x - shift
+    d1 = centred.sum(dim=dims).double() / count
+    d2 = (centred * centred).sum(dim=dims).double() / count
+    return torch.stack((shift.flatten().double() + d1, (d2 - d1 * d1).clamp_min(0.0))), False, count
 
 
 def _channel_view(x: Tensor, axis: int) -> Tensor:
@@ -784,58 +820,50 @@ def _channel_view(x: Tensor, axis: int) -> Tensor:
     return x.view(outer, channels, inner)
 
 
-def _summarize(pending: list[_Pending]) -> list[list[float]]:
-    """One row per pending record: the :data:`QUANTITIES` then num_batches_tracked, with one device sync."""
-    device = pending[0].mean.device
+def _summarize(pending: list[_Pending]) -> tuple[list[list[float]], list[Tensor], list[Tensor]]:
+    """Rows of :data:`QUANTITIES` plus num_batches_tracked, and per-layer batch mean/variance vectors.
+
+    Every layer is summarised at once on one flat float64 tensor (segment reductions, about twenty tensor
+    operations whatever the number of layers) and read back with one device sync.
+    """
+    device = pending[0].packed.device
     f64 = torch.float64
-    lengths = torch.tensor([p.mean.numel() for p in pending], device=device)
-    eps = torch.tensor([p.layer.eps for p in pending], dtype=f64, device=device)
-    mean = torch.cat([p.mean.to(device) for p in pending])
-    var = torch.cat([p.var.to(device) for p in pending])
-    eps_c = torch.repeat_interleave(eps, lengths)
+    lengths_list = [p.packed.shape[1] for p in pending]
+    lengths = torch.tensor(lengths_list, device=device)
+    per_layer = torch.tensor([[p.layer.eps, float(p.count), float(p.raw)] for p in pending], dtype=f64, device=device)
+    eps, count, raw = torch.repeat_interleave(per_layer, lengths, dim=0).unbind(1)
+    s0, s1, rm, rv, w, b = torch.cat([p.packed.to(device) for p in pending], dim=1).unbind(0)
+    # Raw layers hold float32 sums: finish them in float64 here, all layers at once.
+    is_raw = raw > 0
+    mean = torch.where(is_raw, s0 / count, s0)
+    var = torch.where(is_raw, (s1 / count - mean * mean).clamp_min(0.0), s1)
+    kl = gaussian_symmetric_kl(mean, var + eps, rm, rv + eps, eps=0.0)
+    dead = (var < eps).to(f64)
 
-    def seg(data: Tensor, reduce: str, lens: Tensor) -> Tensor:
-        return torch.segment_reduce(data, reduce, lengths=lens)
-
-    n = len(pending)
-    nan = torch.full((n,), math.nan, dtype=f64, device=device)
-    cols = {
-        "batch_mean": seg(mean, "mean", lengths),
-        "batch_var": seg(var, "mean", lengths),
-        "batch_var_min": seg(var, "min", lengths),
-        "batch_var_max": seg(var, "max", lengths),
-        "dead_fraction": seg((var < eps_c).to(f64), "mean", lengths),
-    }
-    with_running = [i for i, p in enumerate(pending) if p.running is not None]
-    for name in ("running_mean", "running_var", "running_var_min", "running_var_max", "drift", "drift_max"):
-        cols[name] = nan.clone()
-    if with_running:
-        idx = torch.tensor(with_running, device=device)
-        lens_r = lengths[idx]
-        keep = torch.repeat_interleave(
-            torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, idx, True), lengths
+    def seg(rows: tuple[Tensor, ...], reduce: str) -> Tensor:
+        return torch.segment_reduce(
+            torch.stack(rows), reduce, lengths=lengths.expand(len(rows), -1), axis=1, unsafe=True
         )
-        rm = torch.cat([pending[i].running[0].to(device, f64) for i in with_running])
-        rv = torch.cat([pending[i].running[1].to(device, f64) for i in with_running])
-        e = eps_c[keep]
-        kl = gaussian_symmetric_kl(mean[keep], var[keep] + e, rm, rv + e, eps=0.0)
-        cols["running_mean"][idx] = seg(rm, "mean", lens_r)
-        cols["running_var"][idx] = seg(rv, "mean", lens_r)
-        cols["running_var_min"][idx] = seg(rv, "min", lens_r)
-        cols["running_var_max"][idx] = seg(rv, "max", lens_r)
-        cols["drift"][idx] = seg(kl, "mean", lens_r)
-        cols["drift_max"][idx] = seg(kl, "max", lens_r)
-    for name, attr in (("weight_norm", "weight"), ("bias_norm", "bias")):
-        cols[name] = nan.clone()
-        have = [i for i, p in enumerate(pending) if getattr(p, attr) is not None]
-        if have:
-            idx = torch.tensor(have, device=device)
-            vec = torch.cat([getattr(pending[i], attr).to(device, f64).flatten() for i in have])
-            cols[name][idx] = seg(vec * vec, "sum", lengths[idx]).sqrt()
-    missing = torch.tensor(math.nan, dtype=f64, device=device)
-    nbt = torch.stack([missing if p.nbt is None else p.nbt.to(device, f64) for p in pending])
-    table = torch.stack([cols[name] for name in QUANTITIES] + [nbt], dim=1)
-    return table.tolist()
+
+    means = seg((mean, var, rm, rv, kl, dead, w * w, b * b), "mean")
+    mins = seg((var, rv), "min")
+    maxs = seg((var, rv, kl), "max")
+    norms = (means[6:] * lengths).sqrt()
+    nbt = torch.tensor([p.nbt if isinstance(p.nbt, int) else math.nan for p in pending], dtype=f64, device=device)
+    for i, p in enumerate(pending):
+        if isinstance(p.nbt, Tensor):
+            nbt[i] = p.nbt.to(device, f64)
+    # Columns in the order of QUANTITIES, then num_batches_tracked.
+    table = torch.stack(
+        (
+            means[0], means[1], mins[0], maxs[0],  # batch mean, var, var min, var max
+            means[2], means[3], mins[1], maxs[1],  # running mean, var, var min, var max
+            means[4], maxs[2],  # drift, drift max
+            norms[0], norms[1], means[5], nbt,  # weight norm, bias norm, dead fraction
+        ),
+        dim=1,
+    )  # fmt: skip
+    return table.tolist(), list(mean.split(lengths_list)), list(var.split(lengths_list))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -892,20 +920,92 @@ def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_scalars(writer: Any, scalars: list[tuple[str, float]], step: int, walltime: float) -> None:
-    """All scalars of a step as one TensorBoard event when the writer allows it (one proto, one write)."""
+def _histograms(vectors: list[tuple[str, Tensor]], bins: int = 30) -> list[tuple[str, dict[str, Any]]]:
+    """Histograms of many small vectors at once: ``(tag, fields of add_histogram_raw)``; equal-width bins.
+
+    One pass of tensor operations for all vectors, instead of a NumPy histogram per tag (which costs more
+    than the whole monitoring of a step). Vectors with a non-finite value are left out (TensorBoard refuses
+    them; the scalars report them).
+    """
+    if not vectors:
+        return []
+    f64 = torch.float64
+    device = vectors[0][1].device
+    flat = torch.cat([v.detach().to(device, f64).flatten() for _, v in vectors])
+    lengths_list = [v.numel() for _, v in vectors]
+    lengths = torch.tensor(lengths_list, device=device)
+    seg = torch.segment_reduce
+    vmin, vmax = seg(flat, "min", lengths=lengths), seg(flat, "max", lengths=lengths)
+    total, squares = seg(flat, "sum", lengths=lengths), seg(flat * flat, "sum", lengths=lengths)
+    # Constant vectors get a unit-wide range around their value, as NumPy's histogram does.
+    constant = vmax == vmin
+    low = torch.where(constant, vmin - 0.5, vmin)
+    high = torch.where(constant, vmax + 0.5, vmax)
+    width = (high - low) / bins
+    owner = torch.repeat_interleave(torch.arange(len(vectors), device=device), lengths)
+    index = ((flat - low[owner]) / width[owner]).floor().nan_to_num(0.0).clamp(0, bins - 1).long()
+    counts = torch.zeros(len(vectors) * bins, dtype=f64, device=device)
+    counts.index_add_(0, owner * bins + index, torch.ones_like(flat))
+    table = torch.cat(
+        [torch.stack((vmin, vmax, total, squares, low, width), dim=1), counts.view(len(vectors), bins)], dim=1
+    ).tolist()
+    out = []
+    for (tag, _), count, row in zip(vectors, lengths_list, table, strict=True):
+        lo, hi, total_, squares_, start, step_ = row[:6]
+        if not all(math.isfinite(v) for v in (lo, hi, total_, squares_)):
+            continue
+        # TensorBoard stores right bucket edges; the leading empty bucket carries the left edge.
+        limits = [start + step_ * k for k in range(bins + 1)]
+        fields_ = {
+            "min": lo,
+            "max": hi,
+            "num": count,
+            "sum": total_,
+            "sum_squares": squares_,
+            "bucket_limits": limits,
+            "bucket_counts": [0.0, *row[6:]],
+        }
+        out.append((tag, fields_))
+    return out
+
+
+def _write_tensorboard(
+    writer: Any,
+    scalars: list[tuple[str, float]],
+    histograms: list[tuple[str, dict[str, Any]]],
+    step: int,
+    walltime: float,
+) -> None:
+    """Everything of a step as one TensorBoard event when the writer allows it.
+
+    One event per step (instead of one per tag) keeps the writer's bounded queue from blocking training while
+    its background thread catches up.
+    """
     get_file_writer = getattr(writer, "_get_file_writer", None)
     if callable(get_file_writer):
         try:
-            from tensorboard.compat.proto.summary_pb2 import Summary
+            from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
         except ImportError:
             get_file_writer = None
     if not callable(get_file_writer):
         for tag, value in scalars:
             writer.add_scalar(tag, value, step, walltime=walltime)
+        for tag, fields_ in histograms:
+            writer.add_histogram_raw(tag, global_step=step, walltime=walltime, **fields_)
         return
-    summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in scalars])
-    get_file_writer().add_summary(summary, step, walltime)
+    values = [Summary.Value(tag=tag, simple_value=value) for tag, value in scalars]
+    for tag, h in histograms:
+        proto = HistogramProto(
+            min=h["min"],
+            max=h["max"],
+            num=h["num"],
+            sum=h["sum"],
+            sum_squares=h["sum_squares"],
+            bucket_limit=h["bucket_limits"],
+            bucket=h["bucket_counts"],
+        )
+        values.append(Summary.Value(tag=tag, histo=proto))
+    get_file_writer().add_summary(Summary(value=values), step, walltime)
 
 
 def read_log(path: str | os.PathLike[str]) -> dict[str, Any]:
