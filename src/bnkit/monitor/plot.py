@@ -133,7 +133,7 @@ def plot(
     for step in alert_steps[:100]:
         axes[0][0].axvline(step, color="red", lw=0.6, alpha=0.5, ls="--")
     if alert_steps:
-        axes[0][0].plot([], [], color="red", lw=0.6, ls="--", label="alert")
+        axes[0][0].set_title("drift: batch vs running statistics (red dashes: steps with alerts)", fontsize=10)
 
     all_steps = sorted({s for name in names for s in series[name]})
     if len(all_steps) > _MAX_COLUMNS:
@@ -240,7 +240,7 @@ def _tick_indices(count: int, most: int) -> list[int]:
     ticks = list(range(0, count, stride))
     if ticks[-1] != count - 1:
         # The last layer is always labelled; a tick too close to it would overlap its label.
-        if count - 1 - ticks[-1] < stride / 2:
+        if count - 1 - ticks[-1] <= stride / 2:
             ticks.pop()
         ticks.append(count - 1)
     return ticks
@@ -250,10 +250,16 @@ def _save_atomically(fig: Any, out: Path, dpi: int) -> None:
     directory = out.parent if str(out.parent) else Path(".")
     if not directory.is_dir():
         raise ValueError(f"plot: the folder of {str(out)!r} does not exist; create it or pass another path")
+    if out.is_dir():
+        raise ValueError(f"plot: {str(out)!r} is a directory; pass a file name such as {str(out / 'bn.png')!r}")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
             fig.savefig(handle, dpi=dpi, format="png")
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
