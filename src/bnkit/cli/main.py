@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
     if args.command is None or not hasattr(args, "func"):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
     prog = f"{PROG} {args.command}"
     try:

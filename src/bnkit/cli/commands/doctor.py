@@ -19,7 +19,7 @@ from bnkit.cli.output import Result, Table
 
 NAME = "doctor"
 HELP = "find BatchNorm mistakes (ported momentum, frozen-stats traps, ...)"
-_LEVELS = {"never": 99, "error": 0, "warning": 1, "info": 2}
+_LEVELS = {"never": -1, "error": 0, "warning": 1, "info": 2}
 
 
 def build_parser(subparsers: Any) -> argparse.ArgumentParser:
