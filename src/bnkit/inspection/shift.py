@@ -33,7 +33,8 @@ contrast    10.9 - 13.4    10 - 22%                  99%
 ``KEEP_FROZEN_BELOW = 0.02`` sits 7x above unshifted data and 3x below the mildest shift that recalibration
 improved by 20 points. (A smaller zero-padded net of the test suite gives held-out 0.001, noise 0.036, contrast
 1.2; stopped early at a high learning rate, its stale running statistics give held-out 0.015. Erring towards
-"recalibrate" is cheap: recalibrating on data of the training distribution is precise BN, never harmful.)
+"recalibrate" is cheap: recalibrating on data of the training distribution is precise BN, harmless given
+enough samples.)
 
 ``FINE_TUNE_ABOVE = 50`` is deliberately above every shift that recalibration fixed here
 (contrast scores about 12 and recovers 99%); no measured domain exceeded it, so it is a conservative bound to be
