@@ -156,6 +156,12 @@ def _default_jobs(n_tasks: int) -> int:
     return max(1, min(n_tasks, cpus))
 
 
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)  # stdout stays clean for --json and pipes
+
+
 class _Progress:
     """A rich progress bar when rich is installed and enabled; otherwise nothing."""
 
@@ -173,7 +179,7 @@ class _Progress:
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("{task.description}"),
-            console=console,
+            console=console if console is not None else _stderr_console(),
             transient=False,
         )
         self._task = self._bar.add_task("starting", total=total)

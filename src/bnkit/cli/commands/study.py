@@ -284,7 +284,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.epochs is not None:
             overrides["finetune"] = replace(cfg.finetune, epochs=args.epochs)
         cfg = replace(cfg, **overrides)
-        return run_study(cfg, out=args.out, jobs=args.jobs, console=console, command=command)
+        return run_study(
+            cfg, out=args.out, jobs=args.jobs, console=console, command=command, progress=console is not None
+        )
     except ImportError as exc:
         raise CliError(f'{exc} (pip install "bnkit[study]")') from exc
 
@@ -322,6 +324,7 @@ def _run_custom(args: argparse.Namespace, console: Any, command: str) -> dict[st
         fuse=not args.no_fuse,
         out=args.out,
         console=console,
+        progress=console is not None,
         command=command,
     )
 
