@@ -2,7 +2,8 @@
 
 The ratio is the cost of recalibration over the floor (inference on the same batches). Target: <= 1.25.
 The model is a small ResNet-style CNN with random weights (BatchNorm after every convolution, residual
-additions), on CPU. Timings are the median of several repeats; on a shared machine expect +-10% noise.
+additions), on CPU with one thread. Both wall-clock and process CPU time are reported (medians of interleaved
+repeats); on a loaded, shared machine the CPU-time ratio is the steadier of the two.
 
 Run: ``python benchmarks/recalibrate.py`` (quick, well under a minute) or ``--full`` for a larger setting.
 """
@@ -50,17 +51,19 @@ def make_model(width: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def _time(fns: list, repeats: int) -> list[float]:
-    """Median seconds of each function; runs are interleaved so background load hits all of them alike."""
+def _time(fns: list, repeats: int) -> tuple[list[float], list[float]]:
+    """Median wall and CPU seconds of each function; runs are interleaved so background load hits all alike."""
     for fn in fns:
         fn()  # warm-up
-    times: list[list[float]] = [[] for _ in fns]
+    wall: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, bucket in zip(fns, times, strict=True):
-            start = time.perf_counter()
+        for index, fn in enumerate(fns):
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
-            bucket.append(time.perf_counter() - start)
-    return [statistics.median(bucket) for bucket in times]
+            wall[index].append(time.perf_counter() - start)
+            cpu[index].append(time.process_time() - start_cpu)
+    return [statistics.median(b) for b in wall], [statistics.median(b) for b in cpu]
 
 
 def main() -> None:
@@ -86,15 +89,17 @@ def main() -> None:
     def sequential_first_two() -> None:
         bnkit.recalibrate(model, data, method="precise", progress=False, layers=["1", "3.bn1"], sequential=True)
 
-    t_eval, t_precise, t_seq = _time([eval_passes, precise, sequential_first_two], repeats)
+    wall, cpu = _time([eval_passes, precise, sequential_first_two], repeats)
     layers = len(bnkit.named_batchnorms(model))
     print(
         f"model: ResNet-style, width {width}, {layers} BatchNorm2d layers; {k} batches of {batch}x3x32x32; CPU, "
         f"{args.threads} thread(s); median of {repeats}"
     )
-    print(f"{k} eval forwards:            {t_eval * 1e3:8.1f} ms")
-    print(f"recalibrate(precise):        {t_precise * 1e3:8.1f} ms   ratio {t_precise / t_eval:.3f} (target <= 1.25)")
-    print(f"sequential, 2 early layers:  {t_seq * 1e3:8.1f} ms   ratio {t_seq / t_eval:.3f} (early stop per pass)")
+    print(f"{'':32s}{'wall ms':>10s}{'ratio':>8s}{'cpu ms':>10s}{'ratio':>8s}")
+    rows = [(f"{k} eval forwards", 0), ("recalibrate(precise)", 1), ("sequential, 2 early layers", 2)]
+    for label, i in rows:
+        print(f"{label:32s}{wall[i] * 1e3:10.1f}{wall[i] / wall[0]:8.3f}{cpu[i] * 1e3:10.1f}{cpu[i] / cpu[0]:8.3f}")
+    print("target: recalibrate(precise) / eval forwards <= 1.25")
 
 
 if __name__ == "__main__":

@@ -80,23 +80,27 @@ def _tree_merge(parts: Moments) -> Moments:
     return parts
 
 
-def _batch_moments(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and m2 of one batch, returned in float64: two passes plus a shift correction.
+def _batch_sums(x: Tensor, axis: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel ``(shift, s1, s2)`` of a batch: its mean, ``sum(x - shift)`` and ``sum((x - shift)^2)``.
 
-    Pass one gives the mean ``m`` in the input's precision; pass two the deviations ``d = x - m``, from which
-    ``mean = m + sum(d)/n`` and ``m2 = sum(d^2) - sum(d)^2/n`` are formed in float64. The correction removes
-    the rounding error of ``m`` itself, which otherwise dominates the between-batch term of the merge when
+    Two passes (mean, then deviations) in the input's precision. The exact moments follow in float64 as
+    ``mean = shift + s1/n`` and ``m2 = s2 - s1^2/n`` (:func:`_moments_from_sums`): ``s1`` removes the rounding
+    error of ``shift`` itself, which would otherwise dominate the between-batch term of the merge when
     ``|mean| >> std``. Plain reductions are used instead of ``torch.var_mean`` because on CPU that kernel is
     several times slower over an NCHW tensor than the whole BatchNorm.
     """
     dims = reduction_dims(x.ndim, axis)
-    n = x.numel() // x.shape[axis]
     shift = x.mean(dims, keepdim=True)
     d = x - shift
-    s1 = d.sum(dims).to(torch.float64)
-    s2 = d.square_().sum(dims).to(torch.float64)
-    mean = shift.reshape(-1).to(torch.float64) + s1 / n
-    return mean, (s2 - s1 * s1 / n).clamp_min_(0.0)
+    s1 = d.sum(dims)
+    s2 = d.square_().sum(dims)
+    return shift.reshape(-1), s1, s2
+
+
+def _moments_from_sums(count: Tensor, shift: Tensor, s1: Tensor, s2: Tensor) -> Moments:
+    """Float64 :class:`Moments` from stacked ``(shift, s1, s2)`` (parts on dim 0; ``count`` shaped ``[K, 1]``)."""
+    shift, s1, s2 = (t.to(torch.float64) for t in (shift, s1, s2))
+    return Moments(count, shift + s1 / count, (s2 - s1 * s1 / count).clamp_min_(0.0))
 
 
 class _Capture:
@@ -121,7 +125,7 @@ class _Capture:
         self.stop = False
         self.calls = 0
         self.first_call: int | None = None
-        self.parts: list[tuple[int, Tensor, Tensor]] = []
+        self.parts: list[tuple[int, Tensor, Tensor, Tensor]] = []
         self.total: Moments | None = None
 
     def reset(self) -> None:
@@ -132,10 +136,10 @@ class _Capture:
     def _collapse(self) -> None:
         if not self.parts:
             return
-        mean = torch.stack([p[1] for p in self.parts]).to(torch.float64)
-        m2 = torch.stack([p[2] for p in self.parts]).to(torch.float64)
-        count = torch.tensor([float(p[0]) for p in self.parts], dtype=torch.float64, device=mean.device)
-        merged = _tree_merge(Moments(count.unsqueeze(1), mean, m2))
+        device = self.parts[0][1].device
+        count = torch.tensor([[float(p[0])] for p in self.parts], dtype=torch.float64, device=device)
+        stacked = (torch.stack([p[i] for p in self.parts]) for i in (1, 2, 3))
+        merged = _tree_merge(_moments_from_sums(count, *stacked))
         merged = Moments(merged.count.reshape(()), merged.mean[0], merged.m2[0])
         self.total = merged if self.total is None else merge_moments(self.total, merged)
         self.parts = []
@@ -158,14 +162,15 @@ class _Capture:
             return  # let the layer report a bad input; an empty batch contributes nothing
         n = x.numel() // x.shape[axis]
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        mean, m2 = _batch_moments(xf, axis)
-        module.running_mean.copy_(mean)
-        module.running_var.copy_((m2 / n).clamp_min_(0.0))
+        shift, s1, s2 = _batch_sums(xf, axis)
+        # The batch's own mean and biased variance, for the eval-mode forward (input precision is enough here).
+        module.running_mean.copy_(shift).add_(s1, alpha=1.0 / n)
+        module.running_var.copy_(torch.addcmul(s2, s1, s1, value=-1.0 / n).div_(n).clamp_min_(0.0))
         if self.mode == "record":
             if self.first_call is None:
                 self.first_call = next(_CLOCK)
             self.calls += 1
-            self.parts.append((n, mean, m2))
+            self.parts.append((n, shift, s1, s2))
             if len(self.parts) >= _CHUNK:
                 self._collapse()
             if self.stop:
