@@ -145,7 +145,7 @@ class Alert:
     message: str
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (``value`` None when not finite).
+        """A JSON-ready dict (``value`` and ``threshold`` None when not finite).
 
         Example:
             >>> Alert(0, "bn", "drift", 2.0, 1.0, "m").to_dict()["value"]
@@ -153,6 +153,7 @@ class Alert:
         """
         out = asdict(self)
         out["value"] = _finite_or_none(self.value)
+        out["threshold"] = _finite_or_none(self.threshold)
         return out
 
 
