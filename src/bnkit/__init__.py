@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "is_frozen_stats": "bnkit.tools.freeze",
     "is_frozen_affine": "bnkit.tools.freeze",
     "recalibrate": "bnkit.tools.recalibrate",
+    "RecalibrationReport": "bnkit.tools.recalibrate",
     "sync_running_stats": "bnkit.tools.sync_stats",
     "explain": "bnkit.inspection.explain",
     "summary": "bnkit.inspection.summary",

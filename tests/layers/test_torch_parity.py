@@ -160,3 +160,21 @@ def test_deepcopy_keeps_state_and_switches() -> None:
     clone = copy.deepcopy(bn)
     assert clone.freeze_stats and clone.freeze_affine and not clone.weight.requires_grad
     assert torch.equal(clone.running_mean, bn.running_mean)
+
+
+def test_bias_free_torch_layer_round_trips() -> None:
+    ref = nn.BatchNorm2d(4, bias=False)
+    ref(torch.randn(3, 4, 2, 2))
+    ours = BatchNorm.from_torch(ref)
+    assert ours.bias is None and list(ours.state_dict()) == list(ref.state_dict())
+    back = ours.to_torch(dim=2)
+    assert back.bias is None
+    x = torch.randn(3, 4, 2, 2)
+    assert torch.equal(ours.eval()(x), ref.eval()(x)) and torch.equal(back.eval()(x), ref(x))
+
+
+def test_untracked_layer_is_bit_identical_to_torch_in_training() -> None:
+    ref = nn.BatchNorm2d(4, track_running_stats=False)
+    ours = BatchNorm.from_torch(ref)
+    x = torch.randn(3, 4, 5, 5) * 7 + 3
+    assert torch.equal(ours(x), ref(x))

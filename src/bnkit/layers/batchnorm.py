@@ -73,8 +73,9 @@ class BatchNorm(nn.Module):
     output has the input's dtype. Variances are computed stably (never ``E[x^2] - E[x]^2``).
 
     **Non-finite batches**: a batch whose statistics are NaN/Inf never reaches the running statistics. By default
-    (``on_nonfinite="raise"``) the layer raises ``FloatingPointError``; ``on_nonfinite="warn"`` warns, skips the
-    update and returns the (non-finite) output.
+    (``on_nonfinite="raise"``) a layer with running statistics raises ``FloatingPointError`` when it would
+    update them; ``on_nonfinite="warn"`` warns, skips the update and returns the (non-finite) output. A layer
+    without running statistics has nothing to protect and behaves as ``torch.nn.BatchNorm``.
 
     Args:
         num_features: Number of channels ``C``.
@@ -449,7 +450,7 @@ class BatchNorm(nn.Module):
                 return False
         if not use_batch:
             return True
-        if not update or x.numel() == 0:
+        if x.numel() == 0 or (self.track_running_stats and not update):
             return False
         if mask is not None or self.virtual_batch_size is not None or self.renorm is not None:
             return False
@@ -470,6 +471,10 @@ class BatchNorm(nn.Module):
         xc = x if axis == 1 else x.movedim(axis, 1)
         if not use_batch:
             y = F.batch_norm(xc, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
+            return y if axis == 1 else y.movedim(1, axis)
+        if not self.track_running_stats:
+            # Nothing to protect or update: exactly torch's call for a layer without running statistics.
+            y = F.batch_norm(xc, None, None, weight, bias, True, 0.0, self.eps)
             return y if axis == 1 else y.movedim(1, axis)
         saved = (self.running_mean.clone(), self.running_var.clone(), self.num_batches_tracked.clone())
         self.num_batches_tracked.add_(1)
@@ -703,6 +708,8 @@ class BatchNorm(nn.Module):
         )
         if module.track_running_stats and module.running_mean is None:
             raise ValueError("BatchNorm.from_torch: the module tracks running stats but its buffers are None")
+        if module.affine and module.bias is None:  # torch >= 2.13 BatchNorm(bias=False)
+            layer.register_parameter("bias", None)
         layer.load_state_dict(module.state_dict())
         for mine, theirs in ((layer.weight, module.weight), (layer.bias, module.bias)):
             if mine is not None and theirs is not None:
@@ -716,8 +723,9 @@ class BatchNorm(nn.Module):
         Args:
             dim: 1, 2 or 3 (input rank 2-3, 4, 5). Default: from the rank of the last input seen, else 2.
             strict: Refuse settings torch cannot express (channel axis other than 1, biased running variance,
-                Keras momentum formula, ghost batches, renorm, sync). With ``strict=False`` they are dropped:
-                inference output is unchanged, training behaviour follows PyTorch.
+                Keras momentum formula, ghost batches, renorm, beta without gamma). With ``strict=False`` they
+                are dropped: inference output is unchanged, training behaviour follows PyTorch. ``sync`` is
+                always dropped: a plain torch BatchNorm is what this conversion is for.
 
         Example:
             >>> type(BatchNorm(4).to_torch(dim=1)).__name__
@@ -739,24 +747,29 @@ class BatchNorm(nn.Module):
             problems.append("ghost batches")
         if self.renorm is not None:
             problems.append("renorm")
-        if self.sync:
-            problems.append("sync (use bnkit.convert(model, 'sync') for torch.nn.SyncBatchNorm)")
+        if self.weight is None and self.bias is not None:
+            problems.append("beta without gamma (gamma would be added as a frozen 1)")
         if problems and strict:
             raise ValueError(
                 f"{self.label()}: torch.nn.BatchNorm cannot express {', '.join(problems)}; "
                 "pass strict=False to convert anyway (inference output is unchanged)"
             )
         ref = self.weight if self.weight is not None else self.running_mean
+        extra = {} if self.bias is not None or self.weight is None else {"bias": False}
         module = classes[dim](
             self.num_features,
             eps=self.eps,
             momentum=self.momentum,
-            affine=self.affine,
+            affine=self.weight is not None or self.bias is not None,
+            **extra,
             track_running_stats=self.track_running_stats,
             device=None if ref is None else ref.device,
             dtype=None if ref is None else ref.dtype,
         )
         state = {k: v for k, v in self.state_dict().items() if k not in ("running_std", "renorm_mean", "renorm_std")}
+        if self.weight is None and self.bias is not None:
+            module.weight.requires_grad_(False)  # the frozen 1 that stands in for Keras's scale=False
+            state["weight"] = module.weight.detach().clone()
         module.load_state_dict(state)
         for mine, theirs in ((self.weight, module.weight), (self.bias, module.bias)):
             if mine is not None and theirs is not None:

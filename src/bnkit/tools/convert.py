@@ -169,48 +169,11 @@ def _bnkit_from_torch(module: nn.Module) -> nn.Module:
 
 
 def _bnkit_to_torch(label: str, module: nn.Module, dim: int, strict: bool) -> nn.Module:
-    """``torch.nn.BatchNorm{dim}d`` with the layer's state; refuses what torch cannot express unless not strict.
-
-    Synchronisation is dropped without complaint: that is what converting to plain torch BN is for.
-    """
-    problems = []
-    if module.axis != 1:
-        problems.append(f"channel axis {module.axis} (torch needs 1; permute the input)")
-    if not module.unbiased_running_var:
-        problems.append("a biased running variance (future updates would store the unbiased one)")
-    if module.keras_momentum is not None:
-        problems.append("Keras's momentum update formula (same values up to rounding)")
-    if module.virtual_batch_size is not None:
-        problems.append("ghost batches")
-    if module.renorm is not None:
-        problems.append("batch renormalization")
-    weight_only_bias = module.weight is None and module.bias is not None
-    if weight_only_bias:
-        problems.append("beta without gamma (gamma would be added as a frozen 1)")
-    if problems and strict:
-        raise ValueError(
-            f"convert: layer {label!r}: torch.nn.BatchNorm cannot express {'; '.join(problems)}; pass "
-            "strict=False to convert anyway (inference output is unchanged, training follows PyTorch)"
-        )
-    affine = module.weight is not None or module.bias is not None
-    new = _TORCH_CLASSES[dim](
-        module.num_features,
-        eps=module.eps,
-        momentum=module.momentum,
-        affine=affine,
-        track_running_stats=module.track_running_stats,
-        bias=module.bias is not None or not affine,
-        **_factory(module),
-    )
-    keep = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    state = {k: v for k, v in module.state_dict().items() if k in keep}
-    if weight_only_bias:
-        state["weight"] = torch.ones_like(module.bias)
-    new.load_state_dict(state)
-    _copy_grad_flags(module, new)
-    if weight_only_bias:
-        new.weight.requires_grad_(False)
-    new.train(module.training)
+    """``torch.nn.BatchNorm{dim}d`` via :meth:`bnkit.BatchNorm.to_torch`; a frozen layer stays frozen."""
+    try:
+        new = module.to_torch(dim, strict=strict)
+    except ValueError as err:
+        raise ValueError(f"convert: layer {label!r}: {err}") from None
     if module.freeze_stats and module.track_running_stats:
         _set_stats(new, True)
     return new
