@@ -143,16 +143,25 @@ class _SyncBatchNormFn(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-class TorchSyncBatchNormCPU(nn.SyncBatchNorm):
+class TorchSyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
     """``torch.nn.SyncBatchNorm`` with its synchronised branch ported to CPU (same state dict, same semantics).
 
     Outside a process group, in eval, or with world size 1 it is exactly ``torch.nn.SyncBatchNorm``'s
-    fallback (``F.batch_norm``).
+    fallback (``F.batch_norm``). It derives from ``_BatchNorm``, not ``nn.SyncBatchNorm``, because DDP
+    refuses SyncBatchNorm modules on CPU.
 
     Example:
         >>> TorchSyncBatchNormCPU(2)(torch.randn(4, 2)).shape
         torch.Size([4, 2])
     """
+
+    def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: Tensor) -> Tensor:
         need_sync = self.training and dist.is_available() and dist.is_initialized()

@@ -112,24 +112,34 @@ def sync_moments_identity_on_single_rank_group(rank: int, world: int) -> None:
 # ------------------------------------------------------------------------------------- the synchronised layer
 
 
-def _run_layer_case(rank: int, world: int, *, unbiased: bool, ndim: int, axis: int, momentum: float | None) -> None:
+def _run_layer_case(
+    rank: int,
+    world: int,
+    *,
+    unbiased: bool,
+    ndim: int,
+    axis: int,
+    momentum: float | None,
+    dtype: torch.dtype = torch.float32,
+    renorm: bool = False,
+) -> None:
     sizes = sizes_for(world)
     c = 4
     g = torch.Generator().manual_seed(10 + ndim)
-    spatial = {2: (), 3: (5,), 4: (3, 2)}[ndim]
+    spatial = {2: (), 3: (5,), 4: (3, 2), 5: (2, 2, 2)}[ndim]
     shape = (sum(sizes), c, *spatial)
-    kwargs = dict(momentum=momentum, axis=axis, unbiased_running_var=unbiased)
+    kwargs = dict(momentum=momentum, axis=axis, unbiased_running_var=unbiased, renorm=renorm, dtype=dtype)
     ref = bnkit.BatchNorm(c, **kwargs)
-    syn = bnkit.BatchNorm(c, sync=True, name=f"case{ndim}{axis}{unbiased}{momentum}", **kwargs)
+    syn = bnkit.BatchNorm(c, sync=True, name=f"case{ndim}{axis}{unbiased}{momentum}{dtype}{renorm}", **kwargs)
     with torch.no_grad():
         for layer in (ref, syn):
             layer.weight.copy_(torch.linspace(0.5, 2.0, c))
             layer.bias.copy_(torch.linspace(-1.0, 1.0, c))
     for step in range(2):
-        full = torch.randn(shape, generator=g) * (step + 1) + 3.0
+        full = (torch.randn(shape, generator=g) * (step + 1) + 3.0).to(dtype)
         if axis == -1:
             full = full.movedim(1, -1).contiguous()
-        weights = torch.randn(full.shape, generator=g)
+        weights = torch.randn(full.shape, generator=g).to(dtype)
         xf = full.clone().requires_grad_()
         yf = ref(xf)
         (yf * weights).sum().backward()
@@ -150,7 +160,7 @@ def _run_layer_case(rank: int, world: int, *, unbiased: bool, ndim: int, axis: i
     for t in (syn.running_mean, syn.running_var):
         assert_same_on_all_ranks(t)
     # Eval uses the (identical) running statistics and never communicates.
-    probe = torch.randn(shard(full, sizes, rank).shape, generator=g)
+    probe = torch.randn(shard(full, sizes, rank).shape, generator=g).to(dtype)
     close(syn.eval()(probe), ref.eval()(probe), "eval output")
 
 
@@ -172,6 +182,16 @@ def layer_unbiased_2d_cumulative(rank: int, world: int) -> None:
 @check
 def layer_biased_channels_last(rank: int, world: int) -> None:
     _run_layer_case(rank, world, unbiased=False, ndim=3, axis=-1, momentum=0.3)
+
+
+@check
+def layer_float64_5d(rank: int, world: int) -> None:
+    _run_layer_case(rank, world, unbiased=True, ndim=5, axis=1, momentum=0.1, dtype=torch.float64)
+
+
+@check
+def layer_renorm(rank: int, world: int) -> None:
+    _run_layer_case(rank, world, unbiased=True, ndim=4, axis=1, momentum=0.1, renorm=True)
 
 
 @check

@@ -22,6 +22,7 @@ from bnkit.distributed.comm import (
     is_active,
     sync_options,
 )
+from bnkit.distributed.functional import sync_batch_norm
 from bnkit.distributed.moments import SyncMoments, merge_gathered, reduce_moments, sync_moments
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "is_active",
     "merge_gathered",
     "reduce_moments",
+    "sync_batch_norm",
     "sync_moments",
     "sync_options",
 ]

@@ -129,13 +129,14 @@ def is_active(group: Any = None) -> bool:
 # ---------------------------------------------------------------------------------------------- internals
 
 
-def _wait(work: Any, what: str) -> None:
+def _run(start: Any, what: str) -> None:
+    """Run a collective (``start(async_op)`` issues it) with a bounded wait; a failure names ``what``."""
     timeout = _OPTIONS["timeout"]
     try:
         if timeout is None:
-            work.wait()
+            start(False)  # the process group's own timeout bounds it; no extra wait object
         else:
-            work.wait(timeout=datetime.timedelta(seconds=timeout))
+            start(True).wait(timeout=datetime.timedelta(seconds=timeout))
     except RuntimeError as error:
         limit = f"{timeout:g} s" if timeout is not None else "the process group's timeout"
         raise SyncMismatchError(
@@ -148,28 +149,27 @@ def all_gather(tensor: Tensor, group: Any, what: str) -> Tensor:
     """``[world, *tensor.shape]``: every rank's ``tensor``, with a bounded wait that names ``what``."""
     world = dist.get_world_size(group)
     flat = tensor.contiguous().reshape(-1)
-    backend = dist.get_backend(group)
-    if backend == "gloo":
+    if dist.get_backend(group) == "gloo":
         # Gloo's single-tensor all-gather is newer than the list form; the list form works on every version.
         parts = [torch.empty_like(flat) for _ in range(world)]
-        _wait(dist.all_gather(parts, flat, group=group, async_op=True), what)
+        _run(lambda async_op: dist.all_gather(parts, flat, group=group, async_op=async_op), what)
         return torch.stack(parts).reshape(world, *tensor.shape)
     out = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
     gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    _wait(gather_single(out, flat, group=group, async_op=True), what)
+    _run(lambda async_op: gather_single(out, flat, group=group, async_op=async_op), what)
     return out.reshape(world, *tensor.shape)
 
 
 def all_reduce_sum(tensor: Tensor, group: Any, what: str) -> Tensor:
     """In-place sum of ``tensor`` over the ranks of ``group`` with a bounded wait that names ``what``."""
-    _wait(dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True), what)
+    _run(lambda async_op: dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=async_op), what)
     return tensor
 
 
 def broadcast(tensor: Tensor, src_rank: int, group: Any, what: str) -> Tensor:
     """In-place broadcast from the group rank ``src_rank`` with a bounded wait that names ``what``."""
     src = src_rank if group is None else dist.get_global_rank(group, src_rank)
-    _wait(dist.broadcast(tensor, src=src, group=group, async_op=True), what)
+    _run(lambda async_op: dist.broadcast(tensor, src=src, group=group, async_op=async_op), what)
     return tensor
 
 
@@ -183,8 +183,7 @@ _CALLS: dict[tuple[int, str], int] = {}
 
 def next_call(group: Any, layer_name: str) -> int:
     """Number this call of ``layer_name`` on ``group`` (0, 1, 2, ...) so ranks can compare call counts."""
-    pg = group if group is not None else dist.distributed_c10d._get_default_group()
-    key = (id(pg), layer_name)
+    key = (0 if group is None else id(group), layer_name)
     call = _CALLS.get(key, 0)
     _CALLS[key] = call + 1
     return call

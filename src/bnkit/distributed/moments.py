@@ -11,6 +11,7 @@ Ranks with an empty batch (count 0) contribute nothing but still take part in ev
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor
 from bnkit.core.moments import Moments
 from bnkit.distributed import comm
 
-__all__ = ["SyncMoments", "merge_gathered", "reduce_moments", "sync_moments"]
+__all__ = ["SyncMoments", "exchange", "merge_gathered", "reduce_moments", "sync_moments"]
 
 
 def merge_gathered(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -108,25 +109,58 @@ def reduce_moments(moments: Moments, group: Any = None) -> Moments:
     )
 
 
-def _tag_slots(channels: int) -> list[int]:
-    # Positions whose sign is free: the count and every m2 (all >= 0). Up to 16 of them carry the call tag.
-    return [0, *range(1 + channels, 1 + 2 * channels)][:16]
+@functools.lru_cache(maxsize=4096)
+def _tag_signs(channels: int, tag: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Where the tag goes and how: (slot index, +-1 multipliers, expected sign bits) for ``tag`` (pre-masked).
+
+    The slots are the count and the m2 entries, all >= 0, so their sign bits are free to carry up to 16 bits.
+    """
+    slots = [0, *range(1 + channels, 1 + 2 * channels)][:16]
+    bits = [bool((tag >> i) & 1) for i in range(len(slots))]
+    index = torch.tensor(slots, device=device)
+    signs = torch.tensor([-1.0 if b else 1.0 for b in bits], dtype=dtype, device=device)
+    return index, signs, torch.tensor(bits, device=device)
 
 
-def _sign_encode(payload: Tensor, tag: int, slots: list[int]) -> Tensor:
-    signs = torch.tensor(
-        [-1.0 if (tag >> i) & 1 else 1.0 for i in range(len(slots))], dtype=payload.dtype, device=payload.device
-    )
-    index = torch.tensor(slots, device=payload.device)
-    payload[index] = torch.copysign(payload[index].abs(), signs)
-    return payload
+def _tag_bits(channels: int) -> int:
+    return min(1 + channels, 16)
 
 
-def _sign_decode(gathered: Tensor, slots: list[int]) -> Tensor:
-    index = torch.tensor(slots, device=gathered.device)
-    bits = torch.signbit(gathered[:, index]).to(torch.int64)
-    weights = torch.tensor([1 << i for i in range(len(slots))], dtype=torch.int64, device=gathered.device)
-    return (bits * weights).sum(1)
+def exchange(
+    local: Tensor, group: Any, layer_name: str, *, sanitise: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One all_gather of this rank's ``[count, mean (C), m2 (C)]``; returns the float64 global
+    ``(count, mean, m2)`` and this rank's sanitised triple in float64.
+
+    The sign bits of the count and m2 entries carry the (layer, call) tag, checked on arrival: ranks in
+    different layers of the same width raise :class:`SyncMismatchError` on every rank at once. Per-channel
+    vectors are small, so the cost here is the number of tensor operations, which is kept low.
+    """
+    channels = (local.numel() - 1) // 2
+    dtype = local.dtype
+    if sanitise:
+        # An empty batch has NaN moments; it must contribute nothing, and NaN * 0 is still NaN.
+        local = torch.where(local[:1] > 0, local, 0.0)
+    call = comm.next_call(group, layer_name)
+    tag = comm.tag_of(layer_name, call)
+    if comm._OPTIONS["check_shapes"]:
+        _check_headers(group, layer_name, call, tag, channels, dtype, local.device)
+    index, signs, bits = _tag_signs(channels, tag & ((1 << _tag_bits(channels)) - 1), dtype, local.device)
+    payload = local.clone()
+    payload[index] = payload[index].abs() * signs
+    gathered = comm.all_gather(payload, group, layer_name)
+    received = torch.signbit(gathered[:, index])
+    if not torch.equal(received, bits.expand_as(received)):
+        bad = (received != bits).any(1).nonzero().flatten().tolist()
+        raise comm.mismatch(layer_name, call, bad)
+    g = gathered.double()
+    g[:, index] = g[:, index].abs()
+    n, means, m2s = g[:, :1], g[:, 1 : 1 + channels], g[:, 1 + channels :]
+    total = n.sum()
+    mu = (n * means).sum(0) / total.clamp_min(1.0)
+    delta = means - mu
+    big_m2 = m2s.sum(0) + (n * delta * delta).sum(0)
+    return total, mu, big_m2, local.double()
 
 
 class SyncMoments(torch.autograd.Function):
@@ -153,34 +187,17 @@ class SyncMoments(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         channels = mean.numel()
         dtype = mean.dtype
-        n_local = count.detach().to(dtype).reshape(1)
-        present = n_local > 0
-        zero = torch.zeros((), dtype=dtype, device=mean.device)
-        # An empty batch has NaN moments; it must contribute nothing, and NaN * 0 is still NaN.
-        mean_local = torch.where(present, mean.detach().reshape(-1), zero)
-        m2_local = torch.where(present, m2.detach().reshape(-1), zero)
-        call = comm.next_call(group, layer_name)
-        tag = comm.tag_of(layer_name, call)
-        if comm._OPTIONS["check_shapes"]:
-            _check_headers(group, layer_name, call, tag, channels, dtype, mean.device)
-        slots = _tag_slots(channels)
-        tag &= (1 << len(slots)) - 1
-        payload = _sign_encode(torch.cat([n_local, mean_local, m2_local]), tag, slots)
-        gathered = comm.all_gather(payload, group, layer_name)
-        tags = _sign_decode(gathered, slots)
-        bad = (tags != tag).nonzero().flatten().tolist()
-        if bad:
-            raise comm.mismatch(layer_name, call, bad)
-        gathered = gathered.clone()
-        gathered[:, 0] = gathered[:, 0].abs()
-        gathered[:, 1 + channels :] = gathered[:, 1 + channels :].abs()
-        total, mu, big_m2 = merge_gathered(
-            gathered[:, :1], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
-        )
+        local = torch.cat([count.detach().reshape(1).to(dtype), mean.detach().reshape(-1), m2.detach().reshape(-1)])
+        total, mu, big_m2, local64 = exchange(local, group, layer_name)
+        n_local = local64[0]
         ctx.group = group
         ctx.layer_name = layer_name
         ctx.shape = mean.shape
-        ctx.save_for_backward(n_local.double(), mean_local.double(), total, mu)
+        ctx.channels = channels
+        # d mean / d mean_r = n_r / N and d m2 / d mean_r = 2 n_r (mean_r - mean); both 0 on an empty rank.
+        share = n_local / total.clamp_min(1.0)
+        slope = 2.0 * n_local * (local64[1 : 1 + channels] - mu)
+        ctx.save_for_backward(share, slope, (n_local > 0).to(dtype))
         out_count = total.to(count.dtype if count.is_floating_point() else dtype).reshape(count.shape)
         ctx.mark_non_differentiable(out_count)
         return out_count, mu.to(dtype).reshape(mean.shape), big_m2.to(dtype).reshape(m2.shape)
@@ -189,20 +206,15 @@ class SyncMoments(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_count: Tensor | None, grad_mean: Tensor, grad_m2: Tensor
     ) -> tuple[None, Tensor, Tensor, None, None]:
-        n_local, mean_local, total, mu = ctx.saved_tensors
-        dtype = grad_mean.dtype
+        share, slope, present = ctx.saved_tensors
+        channels = ctx.channels
         # Every rank's loss depends on the global statistics: sum their gradients (2C numbers, one collective).
-        combined = torch.cat([grad_mean.reshape(-1), grad_m2.reshape(-1)]).contiguous()
+        combined = torch.cat([grad_mean.reshape(-1), grad_m2.reshape(-1)])
         comm.all_reduce_sum(combined, ctx.group, f"{ctx.layer_name} (backward)")
-        g_mean, g_m2 = combined.double().chunk(2)
-        if float(n_local) > 0:
-            share = n_local / total
-            d_mean = g_mean * share + g_m2 * (2.0 * n_local) * (mean_local - mu)
-            d_m2 = g_m2
-        else:
-            d_mean = torch.zeros_like(g_mean)
-            d_m2 = torch.zeros_like(g_m2)
-        return None, d_mean.to(dtype).reshape(ctx.shape), d_m2.to(dtype).reshape(ctx.shape), None, None
+        g_mean, g_m2 = combined[:channels], combined[channels:]
+        d_mean = (g_mean.double() * share + g_m2.double() * slope).to(grad_mean.dtype)
+        d_m2 = g_m2 * present
+        return None, d_mean.reshape(ctx.shape), d_m2.reshape(ctx.shape), None, None
 
 
 def _check_headers(
