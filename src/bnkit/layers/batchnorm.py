@@ -513,6 +513,8 @@ class BatchNorm(nn.Module):
             return normalize(xf, mean, var, weight, bias, self.eps, axis).to(x.dtype)
         if self.virtual_batch_size is not None:
             return self._forward_ghost(xf, axis, update, mask, weight, bias).to(x.dtype)
+        if self.sync and t and mask is None and self.renorm is None and self._sync_world() > 1:
+            return self._forward_sync(xf, axis, update, weight, bias).to(x.dtype)
         stats = channel_moments(xf, reduction_dims(x.ndim, axis), None if mask is None else mask.unsqueeze(axis))
         if self.sync and t and self._sync_world() > 1:
             stats = self._sync(stats, mask)
@@ -671,6 +673,25 @@ class BatchNorm(nn.Module):
         if not (dist.is_available() and dist.is_initialized()):
             return 1
         return dist.get_world_size(self.process_group)
+
+    def _forward_sync(
+        self, xf: Tensor, axis: int, update: bool, weight: Tensor | None, bias: Tensor | None
+    ) -> Tensor:
+        """Synchronised training without mask or renorm: one fused autograd function, PyTorch's communication."""
+        from bnkit.distributed import sync_batch_norm
+
+        y, stats = sync_batch_norm(
+            xf, weight, bias, self.eps, axis=axis, group=self.process_group, layer_name=self.label()
+        )
+        n = float(stats.count)
+        if n == 1:
+            self._raise_single_value(tuple(xf.shape))
+        if n == 0:
+            return y  # every rank's batch is empty: nothing to normalise with, buffers left alone
+        var = stats.m2 / stats.count
+        if self._finite(stats.mean, var) and update:
+            self._update_running(stats.mean, var, stats.count)
+        return y
 
     def _sync(self, stats: Moments, mask: Tensor | None) -> Moments:
         from bnkit.distributed import sync_moments
