@@ -49,6 +49,23 @@ def _compute_dtype(weight: Tensor, scale: Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, scale.dtype)
 
 
+def _bias_after(bias: Tensor | None, scale: Tensor, shift: Tensor, dtype: torch.dtype) -> Tensor:
+    """The bias of ``scale * (x + bias) + shift``: ``bias * scale + shift`` (a missing bias counts as 0)."""
+    if bias is None:
+        return shift.to(dtype)
+    return bias.to(dtype) * scale.to(dtype) + shift.to(dtype)
+
+
+def _result(new_weight: Tensor, new_bias: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(weight, bias)`` back in the dtypes of the inputs (the bias in the weight's when there was none)."""
+    return new_weight.to(weight.dtype), new_bias.to(weight.dtype if bias is None else bias.dtype)
+
+
+def _bias_before(bias: Tensor | None, extra: Tensor, dtype: torch.dtype) -> Tensor:
+    """The bias of a layer whose input gained ``shift``: its own bias (0 if missing) plus ``extra``."""
+    return extra if bias is None else bias.to(dtype) + extra
+
+
 def _grouped_view(weight: Tensor, groups: int, transposed: bool) -> tuple[Tensor, int, int]:
     """``weight`` as ``[groups, in_per_group, out_per_group, taps]`` whatever its layout."""
     if weight.ndim < 3:
@@ -110,8 +127,7 @@ def fold_after_conv(
     dtype = _compute_dtype(weight, scale)
     s = scale.to(dtype).reshape(groups, 1, out_per_group, 1)
     new_weight = _ungroup(view.to(dtype) * s, weight, transposed)
-    new_bias = shift.to(dtype) if bias is None else bias.to(dtype) * scale.to(dtype) + shift.to(dtype)
-    return new_weight.to(weight.dtype), new_bias.to(weight.dtype if bias is None else bias.dtype)
+    return _result(new_weight, _bias_after(bias, scale, shift, dtype), weight, bias)
 
 
 def fold_before_conv(
@@ -131,19 +147,8 @@ def fold_before_conv(
     padding; ``ConvTranspose`` with a kernel or stride above 1) receive less, so the fold is exact only
     without them.
 
-    Args:
-        weight: ``Conv`` weight ``[out, in/groups, *k]`` or ``ConvTranspose`` weight ``[in, out/groups, *k]``.
-        bias: The convolution's bias ``[out]`` or None.
-        scale: Per-input-channel scale ``[in]``.
-        shift: Per-input-channel shift ``[in]``.
-        transposed: True for ``ConvTranspose`` weights.
-        groups: The convolution's ``groups``.
-
-    Returns:
-        ``(weight, bias)`` in the dtype of ``weight``; the bias is always a tensor.
-
-    Raises:
-        ValueError: if the shapes do not fit together.
+    Arguments, return value and errors as in :func:`fold_after_conv`, except that ``scale`` and ``shift`` are
+    per INPUT channel (``[in]``).
 
     Example:
         >>> w, b = fold_before_conv(torch.ones(2, 3, 1), None, torch.full((3,), 2.0), torch.ones(3))
@@ -158,8 +163,7 @@ def fold_before_conv(
     t = shift.to(dtype).reshape(groups, in_per_group, 1, 1)
     new_weight = _ungroup(w * s, weight, transposed)
     extra = (w * t).sum(dim=(1, 3)).reshape(groups * out_per_group)
-    new_bias = extra if bias is None else bias.to(dtype) + extra
-    return new_weight.to(weight.dtype), new_bias.to(weight.dtype if bias is None else bias.dtype)
+    return _result(new_weight, _bias_before(bias, extra, dtype), weight, bias)
 
 
 def fold_after_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
@@ -190,8 +194,7 @@ def fold_after_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift:
     _check_vectors(scale, shift, weight.shape[0], "fold_after_linear")
     dtype = _compute_dtype(weight, scale)
     new_weight = weight.to(dtype) * scale.to(dtype)[:, None]
-    new_bias = shift.to(dtype) if bias is None else bias.to(dtype) * scale.to(dtype) + shift.to(dtype)
-    return new_weight.to(weight.dtype), new_bias.to(weight.dtype if bias is None else bias.dtype)
+    return _result(new_weight, _bias_after(bias, scale, shift, dtype), weight, bias)
 
 
 def fold_before_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,17 +203,8 @@ def fold_before_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift
     ``W' = W * scale`` over columns and ``b' = b + W @ shift``. Always exact when the BatchNorm's channel axis
     is the axis the linear layer reads (the last one).
 
-    Args:
-        weight: ``Linear`` weight ``[out, in]``.
-        bias: ``[out]`` or None.
-        scale: Per-input-feature scale ``[in]``.
-        shift: Per-input-feature shift ``[in]``.
-
-    Returns:
-        ``(weight, bias)`` in the dtype of ``weight``.
-
-    Raises:
-        ValueError: if the shapes do not fit together.
+    Arguments, return value and errors as in :func:`fold_after_linear`, except that ``scale`` and ``shift``
+    are per INPUT feature (``[in]``).
 
     Example:
         >>> w, b = fold_before_linear(torch.ones(1, 2), None, torch.tensor([2.0, 3.0]), torch.ones(2))
@@ -223,6 +217,4 @@ def fold_before_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift
     dtype = _compute_dtype(weight, scale)
     w = weight.to(dtype)
     new_weight = w * scale.to(dtype)[None, :]
-    extra = w @ shift.to(dtype)
-    new_bias = extra if bias is None else bias.to(dtype) + extra
-    return new_weight.to(weight.dtype), new_bias.to(weight.dtype if bias is None else bias.dtype)
+    return _result(new_weight, _bias_before(bias, w @ shift.to(dtype), dtype), weight, bias)

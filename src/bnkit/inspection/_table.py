@@ -2,8 +2,71 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from collections.abc import Sequence
+from typing import Any, ClassVar
+
+__all__ = ["RowList", "format_cell", "text_table"]
+
+
+class RowList(list):
+    """A list of result rows (dataclasses with ``to_dict``) that prints as a table and converts to dicts or JSON.
+
+    Subclasses set :attr:`columns` and :attr:`empty` and implement :meth:`rows`.
+
+    Example:
+        >>> from dataclasses import asdict, dataclass
+        >>> @dataclass
+        ... class Item:
+        ...     name: str
+        ...     def to_dict(self):
+        ...         return asdict(self)
+        >>> class Items(RowList):
+        ...     columns = ("name",)
+        ...     def rows(self):
+        ...         return [[item.name] for item in self]
+        >>> items = Items([Item("a")])
+        >>> items.to_json(indent=None), str(Items())
+        ('[{"name": "a"}]', 'nothing found')
+    """
+
+    #: Column titles of the table, matching :meth:`rows`.
+    columns: ClassVar[tuple[str, ...]] = ()
+    #: What ``str()`` of an empty list says.
+    empty: ClassVar[str] = "nothing found"
+
+    def rows(self) -> list[list[Any]]:
+        """Table rows matching :attr:`columns`.
+
+        Example:
+            >>> RowList().rows()
+            []
+        """
+        return [[item] for item in self]
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        """One dict per row (JSON-ready).
+
+        Example:
+            >>> RowList().to_dicts()
+            []
+        """
+        return [item.to_dict() for item in self]
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """JSON text of :meth:`to_dicts`.
+
+        Example:
+            >>> RowList().to_json()
+            '[]'
+        """
+        return json.dumps(self.to_dicts(), indent=indent)
+
+    def __str__(self) -> str:
+        if not self:
+            return self.empty
+        return text_table(self.columns, self.rows())
 
 
 def text_table(
@@ -21,7 +84,7 @@ def text_table(
         x    1
         yy  22
     """
-    cells = [[_wrap(_cell(value), wrap) for value in row] for row in rows]
+    cells = [[_wrap(format_cell(value), wrap) for value in row] for row in rows]
     widths = [len(c) for c in columns]
     for row in cells:
         for i, text in enumerate(row):
@@ -51,7 +114,13 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _cell(value: object) -> str:
+def format_cell(value: object) -> str:
+    """How a table shows a value: ``-`` for None, yes/no, integers with thousands separators, 4 significant digits.
+
+    Example:
+        >>> [format_cell(v) for v in (None, True, 1234567, 0.000123456, "x")]
+        ['-', 'yes', '1,234,567', '0.0001235', 'x']
+    """
     if value is None:
         return "-"
     if isinstance(value, bool):

@@ -28,7 +28,6 @@ BN006, BN008 and BN011; without it, the model's own ``training`` flag stands for
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -39,18 +38,16 @@ import torch
 from torch import nn
 
 from bnkit.inspection._common import (
-    batchnorm_layers,
-    call_with_example,
     channel_axis,
     frozen_by_bnkit,
     has_running_stats,
-    hooks_removed_on_exit,
-    is_bnkit_batchnorm,
+    is_synchronized,
     mode_in,
-    preserved_state,
-    set_eval,
+    never_updated,
 )
-from bnkit.inspection._table import text_table
+from bnkit.inspection._table import RowList
+from bnkit.layers.find import named_batchnorms
+from bnkit.tools._common import affine_params, call_with_example, check_model, eval_run, first_line
 
 __all__ = ["RULES", "SEVERITIES", "Diagnosis", "Finding", "doctor"]
 
@@ -100,16 +97,19 @@ class Finding:
         return asdict(self)
 
 
-class Diagnosis(list):
+class Diagnosis(RowList):
     """A list of :class:`Finding` that prints as a table and converts to dicts or JSON.
 
     Example:
         >>> d = doctor(nn.Sequential(nn.BatchNorm1d(2)), intent="training")
         >>> len(d), str(d)
         (0, 'no problems found')
+        >>> doctor(nn.BatchNorm1d(2, momentum=0.9)).to_dicts()[0]["severity"]
+        'error'
     """
 
     columns = ("code", "severity", "layer", "problem", "fix")
+    empty = "no problems found"
 
     def codes(self) -> list[str]:
         """The codes found, in order, each once.
@@ -140,29 +140,6 @@ class Diagnosis(list):
             ['BN001', 'error', '(model)']
         """
         return [[f.code, f.severity, f.layer or "(model)", f.message, f.fix] for f in self]
-
-    def to_dicts(self) -> list[dict[str, str]]:
-        """One dict per finding.
-
-        Example:
-            >>> doctor(nn.BatchNorm1d(2, momentum=0.9)).to_dicts()[0]["severity"]
-            'error'
-        """
-        return [f.to_dict() for f in self]
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """JSON text of :meth:`to_dicts`.
-
-        Example:
-            >>> doctor(nn.BatchNorm1d(2), intent="training").to_json()
-            '[]'
-        """
-        return json.dumps(self.to_dicts(), indent=indent)
-
-    def __str__(self) -> str:
-        if not self:
-            return "no problems found"
-        return text_table(self.columns, self.rows())
 
 
 @dataclass
@@ -223,6 +200,7 @@ Rule = Callable[[Context], list[Finding]]
 
 
 def _momentum(module: nn.Module) -> float | None:
+    """The layer's momentum in PyTorch's convention (weight of the new batch); Keras layers are converted."""
     keras = getattr(module, "keras_momentum", None)
     if keras is not None:
         return 1.0 - float(keras)
@@ -337,7 +315,7 @@ def check_frozen_params_updating_stats(ctx: Context) -> list[Finding]:
     """
     findings = []
     for name, module in ctx.batchnorms:
-        params = [p for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if p is not None]
+        params = affine_params(module).values()
         if not params or any(p.requires_grad for p in params):
             continue
         if not mode_in(module, True).updates_running_stats:
@@ -528,10 +506,7 @@ def check_never_updated_stats(ctx: Context) -> list[Finding]:
     for name, module in ctx.batchnorms:
         if not has_running_stats(module):
             continue
-        count = getattr(module, "num_batches_tracked", None)
-        if count is None or int(count) != 0:
-            continue
-        if not (bool(torch.all(module.running_mean == 0)) and bool(torch.all(module.running_var == 1))):
+        if not never_updated(module):
             continue
         findings.append(
             Finding(
@@ -564,11 +539,8 @@ def check_running_variance(ctx: Context) -> list[Finding]:
         bad = int((~torch.isfinite(mean)).sum()) + int((~torch.isfinite(var)).sum())
         negative = int((var < 0).sum())
         if bad or negative:
-            what = []
-            if bad:
-                what.append(f"{bad} non-finite value{'s' if bad > 1 else ''}")
-            if negative:
-                what.append(f"{negative} negative variance{'s' if negative > 1 else ''}")
+            counted = ((bad, "non-finite value"), (negative, "negative variance"))
+            what = [f"{n} {noun}{'s' if n > 1 else ''}" for n, noun in counted if n]
             findings.append(
                 Finding(
                     "BN009",
@@ -620,11 +592,10 @@ def check_called_more_than_once(ctx: Context) -> list[Finding]:
         calls = ctx.trace.calls.get(name, 0)
         if calls <= 1:
             continue
-        synced = isinstance(module, nn.SyncBatchNorm) or (is_bnkit_batchnorm(module) and module.sync)
         findings.append(
             Finding(
                 "BN010",
-                "error" if synced else "warning",
+                "error" if is_synchronized(module) else "warning",
                 name,
                 f"called {calls} times in one forward pass: the running statistics mix the call sites, "
                 "precise recalibration cannot separate them, and SyncBN needs equal call counts on every rank",
@@ -706,11 +677,10 @@ def doctor(model: nn.Module, example_inputs: Any = None, *, intent: str | None =
         >>> doctor(model, intent="inference").codes()
         ['BN001', 'BN008']
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"doctor expects a torch.nn.Module, got {type(model).__name__}")
+    check_model(model, "doctor")
     if intent not in _INTENTS:
         raise ValueError(f"intent must be one of 'inference', 'training', 'fine-tune' or None, got {intent!r}")
-    batchnorms = batchnorm_layers(model)
+    batchnorms = named_batchnorms(model)
     trace = _trace(model, example_inputs, batchnorms) if example_inputs is not None else None
     ctx = Context(model=model, batchnorms=batchnorms, intent=intent, trace=trace)
     findings = Diagnosis()
@@ -746,25 +716,22 @@ def _trace(model: nn.Module, example_inputs: Any, batchnorms: list[tuple[str, nn
         if entry is not None and entry[1] is x:
             trace.producers[name] = entry[0]
 
-    with preserved_state(model), hooks_removed_on_exit() as handles:
+    with eval_run(model) as handles:
         for name, module in model.named_modules():
             if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
                 handles.append(module.register_forward_hook(producer_hook(name)))
         for _, module in batchnorms:
             handles.append(module.register_forward_pre_hook(bn_hook))
-        set_eval(model)
         try:
             call_with_example(model, example_inputs)
         except (TypeError, ValueError, RuntimeError, IndexError) as exc:
-            text = str(exc).strip()
-            first = text.splitlines()[0] if text else type(exc).__name__
-            raise ValueError(f"the model failed on example_inputs: {first}") from exc
+            raise ValueError(f"the model failed on example_inputs: {first_line(exc)}") from exc
     return trace
 
 
 def _ctx(model: nn.Module, intent: str | None = None) -> Context:
     """A context without example run (used by the rule docstring examples)."""
-    return Context(model, batchnorm_layers(model), intent, None)
+    return Context(model, named_batchnorms(model), intent, None)
 
 
 def describe_rules() -> list[dict[str, str]]:

@@ -7,24 +7,24 @@ them), never from running the model. Nothing is changed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from bnkit.inspection._common import (
     Mode,
     frozen_by_bnkit,
     has_running_stats,
-    is_bnkit_batchnorm,
+    is_synchronized,
     layer_type,
     mode_in,
-    norm_layers,
+    never_updated,
     num_channels,
 )
-from bnkit.inspection._table import text_table
+from bnkit.inspection._table import RowList
+from bnkit.layers.find import named_norms
+from bnkit.tools._common import affine_params, check_model, is_bnkit_batchnorm
 
 __all__ = ["Explanation", "LayerExplanation", "explain"]
 
@@ -69,17 +69,31 @@ class LayerExplanation:
         """
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerExplanation:
+        """The row back from :meth:`to_dict` (e.g. from ``bnkit explain --json``).
 
-class Explanation(list):
+        Example:
+            >>> row = explain(nn.BatchNorm1d(2))[0]
+            >>> LayerExplanation.from_dict(row.to_dict()) == row
+            True
+        """
+        return cls(**{**data, "train": Mode(**data["train"]), "eval": Mode(**data["eval"])})
+
+
+class Explanation(RowList):
     """A list of :class:`LayerExplanation` that prints as a table and converts to dicts or JSON.
 
     Example:
         >>> table = explain(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
         >>> [row.name for row in table]
         ['1']
+        >>> print(explain(nn.Identity()))
+        no BatchNorm or other normalisation layer found
     """
 
     columns = ("layer", "type", "ch", "now", "in train()", "in eval()", "gamma/beta", "why")
+    empty = "no BatchNorm or other normalisation layer found"
 
     def rows(self) -> list[list[Any]]:
         """Table rows matching :attr:`columns` (one reason per line in the last cell).
@@ -101,29 +115,6 @@ class Explanation(list):
             ]
             for row in self
         ]
-
-    def to_dicts(self) -> list[dict[str, Any]]:
-        """One dict per layer.
-
-        Example:
-            >>> explain(nn.BatchNorm1d(2)).to_dicts()[0]["type"]
-            'BatchNorm1d'
-        """
-        return [row.to_dict() for row in self]
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """JSON text of :meth:`to_dicts`.
-
-        Example:
-            >>> explain(nn.BatchNorm1d(2)).to_json(indent=None)[:10]
-            '[{"name": '
-        """
-        return json.dumps(self.to_dicts(), indent=indent)
-
-    def __str__(self) -> str:
-        if not self:
-            return "no BatchNorm or other normalisation layer found"
-        return text_table(self.columns, self.rows())
 
 
 def explain(model: nn.Module) -> Explanation:
@@ -149,9 +140,8 @@ def explain(model: nn.Module) -> Explanation:
         >>> print(explain(model)[0].reasons[-1])
         requires_grad is False on weight but statistics still update in train(); bnkit.freeze(model) freezes both
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"explain expects a torch.nn.Module, got {type(model).__name__}")
-    return Explanation(_explain_layer(name, module) for name, module in norm_layers(model))
+    check_model(model, "explain")
+    return Explanation(_explain_layer(name, module) for name, module in named_norms(model))
 
 
 def _explain_layer(name: str, module: nn.Module) -> LayerExplanation:
@@ -172,23 +162,19 @@ def _explain_layer(name: str, module: nn.Module) -> LayerExplanation:
     return row
 
 
-def _affine_params(module: nn.Module) -> dict[str, torch.Tensor]:
-    params = {}
-    for key in ("weight", "bias"):
-        value = getattr(module, key, None)
-        if isinstance(value, torch.Tensor):
-            params[key] = value
-    return params
+def _frozen_affine(module: nn.Module) -> tuple[int, list[str]]:
+    """(number of gamma/beta parameters, names of those with requires_grad False)."""
+    params = affine_params(module)
+    return len(params), [key for key, value in params.items() if not value.requires_grad]
 
 
 def _affine_state(module: nn.Module) -> str:
-    params = _affine_params(module)
-    if not params:
+    count, frozen = _frozen_affine(module)
+    if not count:
         return "none"
-    frozen = [key for key, value in params.items() if not value.requires_grad]
     if not frozen:
         return "learn"
-    if len(frozen) == len(params):
+    if len(frozen) == count:
         return "frozen"
     return f"{frozen[0]} frozen"
 
@@ -228,7 +214,7 @@ def _reasons(module: nn.Module, row: LayerExplanation) -> list[str]:
                 "now in eval() but not frozen: a parent's model.train() switches it back to batch statistics"
             )
 
-    if isinstance(module, nn.SyncBatchNorm) or (bnkit_layer and getattr(module, "sync", False)):
+    if is_synchronized(module):
         reasons.append("synchronised: batch statistics merged across processes in train()")
     ghost = getattr(module, "virtual_batch_size", None)
     if ghost:
@@ -247,14 +233,13 @@ def _reasons(module: nn.Module, row: LayerExplanation) -> list[str]:
         elif float(momentum) == 0.0:
             reasons.append("momentum=0: updates never move the running statistics")
 
-    if tracked and _never_updated(module):
+    if tracked and never_updated(module):
         reasons.append("running statistics never updated (still mean 0, variance 1)")
 
-    params = _affine_params(module)
-    frozen = [key for key, value in params.items() if not value.requires_grad]
-    if not params:
+    count, frozen = _frozen_affine(module)
+    if not count:
         reasons.append("affine=False: no gamma/beta")
-    elif affine_frozen and len(frozen) == len(params):
+    elif affine_frozen and len(frozen) == count:
         reasons.append("freeze_affine is set: gamma/beta do not learn" if bnkit_layer
                        else "gamma/beta frozen by bnkit.freeze")
     elif frozen:
@@ -268,10 +253,3 @@ def _reasons(module: nn.Module, row: LayerExplanation) -> list[str]:
             reasons.append(f"requires_grad is False on {which}")
     return reasons
 
-
-def _never_updated(module: nn.Module) -> bool:
-    count = getattr(module, "num_batches_tracked", None)
-    if not isinstance(count, torch.Tensor) or int(count) != 0:
-        return False
-    mean, var = module.running_mean, module.running_var
-    return bool(torch.all(mean == 0)) and bool(torch.all(var == 1))

@@ -46,6 +46,7 @@ data when the score recommends recalibration and accuracy stays low.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -57,17 +58,10 @@ from torch import nn
 
 from bnkit.core.divergence import gaussian_symmetric_kl
 from bnkit.core.moments import Moments, channel_moments, merge_moments, reduction_dims
-from bnkit.inspection._common import (
-    batchnorm_layers,
-    call_model,
-    channel_axis,
-    has_running_stats,
-    hooks_removed_on_exit,
-    limited,
-    preserved_state,
-    set_eval,
-)
+from bnkit.inspection._common import channel_axis, has_running_stats, limited
 from bnkit.inspection._table import text_table
+from bnkit.layers.find import named_batchnorms
+from bnkit.tools._common import call_on_batch, check_model, eval_run, first_line
 
 __all__ = [
     "FINE_TUNE_ABOVE",
@@ -241,10 +235,9 @@ def shift(
         >>> shift(model, [2 * torch.randn(256, 3) + 10]).recommendation
         'recalibrate'
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"shift expects a torch.nn.Module, got {type(model).__name__}")
-    run = forward if forward is not None else call_model
-    layers = batchnorm_layers(model)
+    check_model(model, "shift")
+    run = forward if forward is not None else functools.partial(call_on_batch, tool="shift")
+    layers = named_batchnorms(model)
     tracked = [(name, module) for name, module in layers if has_running_stats(module)]
     skipped = [f"{name} (track_running_stats=False)" for name, module in layers if not has_running_stats(module)]
     if not tracked:
@@ -268,18 +261,15 @@ def shift(
         acc[id(module)] = part if previous is None else merge_moments(previous, part)
 
     batches = 0
-    with preserved_state(model), hooks_removed_on_exit() as handles:
+    with eval_run(model) as handles:
         for _, module in tracked:
             handles.append(module.register_forward_pre_hook(hook))
-        set_eval(model)
         for batch in limited(data, num_batches):
             try:
                 run(model, batch)
             except (RuntimeError, ValueError, IndexError) as exc:
-                text = str(exc).strip()
-                first = text.splitlines()[0] if text else type(exc).__name__
                 shape = _shape_of(batch)
-                raise ValueError(f"the model failed on batch {batches} (shape {shape}): {first}") from exc
+                raise ValueError(f"the model failed on batch {batches} (shape {shape}): {first_line(exc)}") from exc
             batches += 1
     if batches == 0:
         raise ValueError("shift: data yielded no batches")

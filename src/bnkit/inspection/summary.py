@@ -27,15 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnkit.inspection._common import (
-    hooks_removed_on_exit,
-    is_batch_independent_norm,
-    is_batchnorm,
-    layer_type,
-    preserved_state,
-    set_eval,
-)
+from bnkit.inspection._common import layer_type
 from bnkit.inspection._table import text_table
+from bnkit.layers.find import is_batch_independent_norm, is_batchnorm
+from bnkit.tools._common import check_model, eval_run, first_line, input_device_dtype
 
 __all__ = ["LayerSummary", "Summary", "summary"]
 
@@ -197,8 +192,7 @@ def summary(model: nn.Module, input_size: Sequence[int] | Sequence[Sequence[int]
         >>> s.total, s.trainable, s.non_trainable
         (13108758, 13108694, 64)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"summary expects a torch.nn.Module, got {type(model).__name__}")
+    check_model(model, "summary")
     shapes = _output_shapes(model, input_size) if input_size is not None else {}
     result = Summary()
     seen: set[int] = set()
@@ -241,9 +235,7 @@ def _output_shapes(
         raise ValueError("input_size must not be empty: give the input shape without the batch dimension")
     multi = all(isinstance(s, (tuple, list)) for s in sizes)
     shapes_in = [tuple(int(d) for d in s) for s in sizes] if multi else [tuple(int(d) for d in sizes)]
-    first = next(iter(model.parameters()), None)
-    device = first.device if first is not None else torch.device("cpu")
-    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    device, dtype = input_device_dtype(model)
     inputs = [torch.zeros((2, *shape), device=device, dtype=dtype) for shape in shapes_in]
     shapes: dict[str, list[int]] = {}
 
@@ -254,16 +246,14 @@ def _output_shapes(
 
         return hook
 
-    with preserved_state(model), hooks_removed_on_exit() as handles:
+    with eval_run(model) as handles:
         for name, module in model.named_modules():
             handles.append(module.register_forward_hook(record(name)))
-        set_eval(model)
         try:
             model(*inputs)
         except Exception as exc:  # the model decides which errors a wrong shape raises
             described = " and ".join(str(list(s)) for s in shapes_in)
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(
-                f"input_size {described} (batch dimension excluded) does not fit the model: {first_line}"
+                f"input_size {described} (batch dimension excluded) does not fit the model: {first_line(exc)}"
             ) from exc
     return shapes

@@ -22,8 +22,10 @@ from torch import nn
 from bnkit.layers.find import LayerSelector
 from bnkit.tools._common import (
     bnkit_batchnorm_class,
+    call_with_example,
     check_model,
     copy_unless_inplace,
+    eval_run,
     is_bnkit_batchnorm,
     replace_modules,
     select_batchnorms,
@@ -115,6 +117,14 @@ def _copy_grad_flags(src: nn.Module, dst: nn.Module) -> None:
             theirs.requires_grad_(mine.requires_grad)
 
 
+def _take_state(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """``dst`` with ``src``'s state dict, ``requires_grad`` flags and training flag; returns ``dst``."""
+    dst.load_state_dict(src.state_dict())
+    _copy_grad_flags(src, dst)
+    dst.train(src.training)
+    return dst
+
+
 def _carry_freeze(src: nn.Module, dst: nn.Module) -> None:
     """A frozen layer stays frozen in its new form (hooks for torch layers, switches for bnkit)."""
     stats, affine = is_frozen_stats(src), is_frozen_affine(src)
@@ -140,10 +150,7 @@ def _torch_from_torch(module: nn.Module, cls: type[nn.Module], **extra: Any) -> 
         **extra,
         **_factory(module),
     )
-    new.load_state_dict(module.state_dict())
-    _copy_grad_flags(module, new)
-    new.train(module.training)
-    return new
+    return _take_state(module, new)
 
 
 def _bnkit_from_torch(module: nn.Module) -> nn.Module:
@@ -162,10 +169,7 @@ def _bnkit_from_torch(module: nn.Module) -> nn.Module:
         **_factory(module),
     )
     new.register_parameter("bias", None)
-    new.load_state_dict(module.state_dict())
-    _copy_grad_flags(module, new)
-    new.train(module.training)
-    return new
+    return _take_state(module, new)
 
 
 def _bnkit_to_torch(label: str, module: nn.Module, dim: int, strict: bool) -> nn.Module:
@@ -274,22 +278,9 @@ def _record_ranks(model: nn.Module, modules: list[nn.Module], example_inputs: An
         if args and isinstance(args[0], torch.Tensor):
             ranks.setdefault(id(module), args[0].ndim)
 
-    flags = [(m, m.training) for m in model.modules()]
-    handles = [m.register_forward_pre_hook(hook) for m in modules]
-    try:
-        model.eval()
-        with torch.no_grad():
-            if isinstance(example_inputs, tuple):
-                model(*example_inputs)
-            elif isinstance(example_inputs, Mapping):
-                model(**example_inputs)
-            else:
-                model(example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, flag in flags:
-            module.training = flag
+    with eval_run(model) as handles:
+        handles.extend(m.register_forward_pre_hook(hook) for m in modules)
+        call_with_example(model, example_inputs)
     return ranks
 
 

@@ -26,7 +26,13 @@ from typing import Any
 from torch import nn
 
 from bnkit.layers.find import LayerSelector
-from bnkit.tools._common import check_model, is_bnkit_batchnorm, select_batchnorms
+from bnkit.tools._common import (
+    affine_params,
+    check_model,
+    has_running_buffers,
+    is_bnkit_batchnorm,
+    select_batchnorms,
+)
 
 __all__ = [
     "FreezeReport",
@@ -127,14 +133,6 @@ def frozen_stats_hook(module: nn.Module) -> _FrozenStatsPreHook | None:
     return None
 
 
-def _has_running_stats(module: nn.Module) -> bool:
-    return getattr(module, "running_mean", None) is not None and getattr(module, "running_var", None) is not None
-
-
-def _affine_params(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if p is not None]
-
-
 def is_frozen_stats(module: nn.Module) -> bool:
     """True when a BatchNorm layer's statistics are frozen (inference-mode normalisation, no updates).
 
@@ -164,8 +162,8 @@ def is_frozen_affine(module: nn.Module) -> bool:
         (True, False)
     """
     if is_bnkit_batchnorm(module):
-        return bool(module.freeze_affine) and bool(_affine_params(module))
-    params = _affine_params(module)
+        return bool(module.freeze_affine) and bool(affine_params(module))
+    params = affine_params(module).values()
     return bool(params) and not any(p.requires_grad for p in params)
 
 
@@ -195,7 +193,7 @@ def _set_stats(module: nn.Module, frozen: bool) -> bool:
 
 def _set_affine(module: nn.Module, frozen: bool) -> bool:
     """Put gamma/beta in the requested state; True when something changed."""
-    params = _affine_params(module)
+    params = affine_params(module).values()
     changed = any(p.requires_grad == frozen for p in params)
     if is_bnkit_batchnorm(module):
         changed = changed or bool(module.freeze_affine) != frozen
@@ -223,8 +221,8 @@ def _apply(model: nn.Module, stats: bool, affine: bool, layers: LayerSelector, f
     plan: list[tuple[str, nn.Module, bool, bool]] = []
     skipped: dict[str, str] = {}
     for name, module in selected:
-        do_stats = stats and _has_running_stats(module)
-        do_affine = affine and bool(_affine_params(module))
+        do_stats = stats and has_running_buffers(module)
+        do_affine = affine and bool(affine_params(module))
         if not do_stats and not do_affine:
             reasons = []
             if stats:

@@ -50,6 +50,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from bnkit.core.fold import fold_after_conv, fold_after_linear, fold_before_conv, fold_before_linear
 from bnkit.core.normalize import scale_shift
 from bnkit.layers.find import is_batchnorm
+from bnkit.tools._common import first_line
 
 __all__ = ["FoldRecord", "FuseReport", "SkipRecord", "fuse", "fuse_with_report"]
 
@@ -229,7 +230,8 @@ def fuse_with_report(
         work = copy.deepcopy(model)
     except Exception as error:  # any failure means the same thing to the user
         raise TypeError(
-            f"fuse: cannot deep-copy {type(model).__name__} ({_first_line(error)}); fuse needs a copy to work on"
+            f"fuse: cannot deep-copy {type(model).__name__} ({first_line(error, with_type=True)}); "
+            "fuse needs a copy to work on"
         ) from None
     work.eval()
     report = FuseReport()
@@ -242,7 +244,8 @@ def fuse_with_report(
             reference = _run_recording(work, args, ranks)
         except Exception as error:
             raise ValueError(
-                f"fuse: {type(model).__name__} failed on example_inputs in eval mode ({_first_line(error)}); "
+                f"fuse: {type(model).__name__} failed on example_inputs in eval mode "
+                f"({first_line(error, with_type=True)}); "
                 "pass inputs the model accepts as a tensor or a tuple of positional arguments"
             ) from None
     else:
@@ -283,11 +286,6 @@ def fuse_with_report(
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _as_args(example_inputs: Any) -> tuple[Any, ...]:
@@ -532,7 +530,7 @@ class _Analysis:
         except _TraceFailure as failure:
             self.untraceable.append(prefix)
             self.report.notes.append(
-                f"{label}: torch.fx cannot trace its forward ({_first_line(failure.error)}); "
+                f"{label}: torch.fx cannot trace its forward ({first_line(failure.error, with_type=True)}); "
                 + (
                     "folding nn.Sequential neighbours and looking inside its children"
                     if type(module).forward is nn.Sequential.forward
@@ -598,37 +596,35 @@ class _Analysis:
             return f"{name} has hooks"
         return None
 
-    def _after_problem(self, layer_name: str, layer: nn.Module, bn: nn.Module) -> tuple[str | None, str]:
-        """Whether BN(layer(x)) folds into ``layer``: (problem, note)."""
-        channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    def _channels_problem(
+        self, layer_name: str, layer: nn.Module, bn: nn.Module, ndim: int | None, side: Literal["output", "input"]
+    ) -> tuple[str | None, str]:
+        """Whether the BN's channels are the layer's ``side`` channels, for an input of rank ``ndim``."""
+        if isinstance(layer, nn.Linear):
+            channels = layer.out_features if side == "output" else layer.in_features
+        else:
+            channels = layer.out_channels if side == "output" else layer.in_channels
         if channels != bn.num_features:
-            return f"{layer_name} has {channels} output channels, the BN {bn.num_features}", ""
-        ndim = self._rank(layer_name)
+            return f"{layer_name} has {channels} {side} channels, the BN {bn.num_features}", ""
         note = "" if ndim is not None else "input rank not verified (no example inputs)"
         if isinstance(layer, nn.Linear):
-            return self._features_problem(bn, ndim, f"{layer_name} outputs")
-        spatial = len(layer.kernel_size)
-        if ndim is not None and ndim != spatial + 2:
-            return f"{layer_name} is called without a batch dimension (input rank {ndim})", ""
-        axis = _bn_axis(bn, spatial + 2)
-        if axis != 1:
-            return f"the BN normalises axis {getattr(bn, 'axis', None)}, not the channel axis 1 of {layer_name}", ""
-        return None, note
-
-    def _before_problem(self, bn_name: str, bn: nn.Module, layer_name: str, layer: nn.Module) -> tuple[str | None, str]:
-        """Whether layer(BN(x)) folds into ``layer`` exactly: (problem, note)."""
-        channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
-        if channels != bn.num_features:
-            return f"{layer_name} has {channels} input channels, the BN {bn.num_features}", ""
-        ndim = self._rank(bn_name)
-        note = "" if ndim is not None else "input rank not verified (no example inputs)"
-        if isinstance(layer, nn.Linear):
-            return self._features_problem(bn, ndim, f"{layer_name} reads")
+            return self._features_problem(bn, ndim, f"{layer_name} {'outputs' if side == 'output' else 'reads'}")
         spatial = len(layer.kernel_size)
         if ndim is not None and ndim != spatial + 2:
             return f"{layer_name} is called without a batch dimension (input rank {ndim})", ""
         if _bn_axis(bn, spatial + 2) != 1:
             return f"the BN normalises axis {getattr(bn, 'axis', None)}, not the channel axis 1 of {layer_name}", ""
+        return None, note
+
+    def _after_problem(self, layer_name: str, layer: nn.Module, bn: nn.Module) -> tuple[str | None, str]:
+        """Whether BN(layer(x)) folds into ``layer``: (problem, note)."""
+        return self._channels_problem(layer_name, layer, bn, self._rank(layer_name), "output")
+
+    def _before_problem(self, bn_name: str, bn: nn.Module, layer_name: str, layer: nn.Module) -> tuple[str | None, str]:
+        """Whether layer(BN(x)) folds into ``layer`` exactly: (problem, note)."""
+        problem, note = self._channels_problem(layer_name, layer, bn, self._rank(bn_name), "input")
+        if problem is not None or isinstance(layer, nn.Linear):
+            return problem, note
         exact = self._border_problem(layer_name, layer)
         if exact is not None:
             _, shift = _bn_scale_shift(bn)
@@ -906,7 +902,6 @@ def _compare(reference: Any, output: Any, atol: float | None, rtol: float | None
             worst = (diff > tolerance, diff, tolerance, where.strip())
         if diff > tolerance:
             return worst
-    return worst
     return worst
 
 

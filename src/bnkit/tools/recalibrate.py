@@ -9,9 +9,10 @@ between batches, the per-batch ``(count, mean, m2)`` triples are merged exactly 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,13 @@ from torch import Tensor, nn
 
 from bnkit.core.moments import Moments, merge_moments, reduction_dims, variance
 from bnkit.layers.find import LayerSelector
-from bnkit.tools._common import check_model, is_bnkit_batchnorm, select_batchnorms
+from bnkit.tools._common import (
+    call_on_batch,
+    check_model,
+    has_running_buffers,
+    is_bnkit_batchnorm,
+    select_batchnorms,
+)
 from bnkit.tools.freeze import frozen_stats_hook
 
 __all__ = ["METHODS", "RecalibrationReport", "recalibrate"]
@@ -33,6 +40,8 @@ METHODS = ("precise", "ema")
 _CHUNK = 64
 # Orders layers by their first call, so sequential recalibration follows execution order.
 _CLOCK = itertools.count()
+# The reason reported for a selected layer the forward passes never reached (the warning keys on "never").
+_NEVER_CALLED = "never called during the forward passes"
 
 
 @dataclass(frozen=True)
@@ -229,16 +238,6 @@ class _Progress(AbstractContextManager):
             self._tqdm.close()
 
 
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, (list, tuple)):
-        if not batch:
-            raise ValueError("recalibrate: a batch is an empty list/tuple; pass forward=(model, batch) -> ...")
-        return model(batch[0])
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    return model(batch)
-
-
 class _Session:
     """Everything recalibrate changes, saved first and put back in ``restore`` (always) and on failure."""
 
@@ -317,29 +316,40 @@ def _check_arguments(
             )
 
 
-def _run_pass(
-    model: nn.Module,
-    data: Iterable[Any],
-    num_batches: int | None,
-    forward: Callable[[nn.Module, Any], Any],
-    bar: _Progress,
-    description: str,
-) -> int:
-    bar.start(description)
-    batches = 0
-    iterator: Iterator[Any] = iter(data)
-    while num_batches is None or batches < num_batches:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            break
-        try:
-            forward(model, batch)
-        except _StopForward:
-            pass
-        batches += 1
-        bar.advance()
-    return batches
+@dataclass
+class _Passes:
+    """What every pass over the data needs: the model, the batches, how to call the model, the progress bar."""
+
+    model: nn.Module
+    data: Iterable[Any]
+    num_batches: int | None
+    forward: Callable[[nn.Module, Any], Any]
+    bar: _Progress
+
+    def run(self, description: str) -> int:
+        """One pass (at most ``num_batches`` batches); returns the number of batches drawn."""
+        self.bar.start(description)
+        batches = 0
+        iterator: Iterator[Any] = iter(self.data)
+        while self.num_batches is None or batches < self.num_batches:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            try:
+                self.forward(self.model, batch)
+            except _StopForward:
+                pass
+            batches += 1
+            self.bar.advance()
+        return batches
+
+    def first(self, description: str) -> int:
+        """The first pass, which must draw at least one batch."""
+        batches = self.run(description)
+        if batches == 0:
+            raise ValueError("recalibrate: data yielded no batches; nothing was recalibrated")
+        return batches
 
 
 def _commit(capture: _Capture, moments: Moments) -> None:
@@ -437,15 +447,15 @@ def recalibrate(
         (True, True)
     """
     _check_arguments(model, data, method, num_batches, forward, progress, sequential)
-    call = forward if forward is not None else _default_forward
+    call = forward if forward is not None else functools.partial(call_on_batch, tool="recalibrate")
     selected = select_batchnorms(model, layers, "recalibrate")
     skipped: dict[str, str] = {}
     targets: list[tuple[str, nn.Module]] = []
     for name, module in selected:
-        if getattr(module, "running_mean", None) is None or getattr(module, "running_var", None) is None:
-            skipped[name] = "no running statistics (track_running_stats=False)"
-        else:
+        if has_running_buffers(module):
             targets.append((name, module))
+        else:
+            skipped[name] = "no running statistics (track_running_stats=False)"
     if not targets:
         raise ValueError("recalibrate: no selected BatchNorm layer has running statistics; nothing to recalibrate")
 
@@ -465,17 +475,18 @@ def recalibrate(
         for module in model.modules():
             module.training = False
         with torch.no_grad(), _Progress(progress, total) as bar:
+            passes = _Passes(model, data, num_batches, call, bar)
             if method == "ema":
-                report = _ema(model, data, targets, num_batches, call, bar, session, skipped)
+                report = _ema(passes, targets, session, skipped)
             else:
-                report = _precise(model, data, targets, num_batches, call, bar, session, skipped, sequential)
+                report = _precise(passes, targets, session, skipped, sequential)
         failed = False
     finally:
         if failed:
             session.restore_buffers()
         session.restore()
     if report.skipped:
-        never = [name or "<model>" for name, reason in report.skipped.items() if reason.startswith("never")]
+        never = [name or "<model>" for name, reason in report.skipped.items() if reason == _NEVER_CALLED]
         if never:
             warnings.warn(
                 f"recalibrate: {', '.join(never)} never ran during the forward passes; their statistics were kept",
@@ -486,14 +497,7 @@ def recalibrate(
 
 
 def _ema(
-    model: nn.Module,
-    data: Iterable[Any],
-    targets: list[tuple[str, nn.Module]],
-    num_batches: int | None,
-    call: Callable[[nn.Module, Any], Any],
-    bar: _Progress,
-    session: _Session,
-    skipped: dict[str, str],
+    passes: _Passes, targets: list[tuple[str, nn.Module]], session: _Session, skipped: dict[str, str]
 ) -> RecalibrationReport:
     calls = {id(m): 0 for _, m in targets}
 
@@ -503,25 +507,19 @@ def _ema(
     for _, module in targets:
         module.training = True
         session.handles.append(module.register_forward_hook(count))
-    batches = _run_pass(model, data, num_batches, call, bar, "recalibrate (ema)")
-    if batches == 0:
-        raise ValueError("recalibrate: data yielded no batches; nothing was recalibrated")
+    batches = passes.first("recalibrate (ema)")
     counts: dict[str, int] = {}
     for name, module in targets:
         if calls[id(module)]:
             counts[name] = calls[id(module)]
         else:
-            skipped[name] = "never called during the forward passes"
+            skipped[name] = _NEVER_CALLED
     return RecalibrationReport("ema", batches, 1, counts, skipped)
 
 
 def _precise(
-    model: nn.Module,
-    data: Iterable[Any],
+    passes: _Passes,
     targets: list[tuple[str, nn.Module]],
-    num_batches: int | None,
-    call: Callable[[nn.Module, Any], Any],
-    bar: _Progress,
     session: _Session,
     skipped: dict[str, str],
     sequential: bool,
@@ -532,10 +530,8 @@ def _precise(
         captures.append(capture)
         session.handles.append(module.register_forward_pre_hook(capture.pre_hook))
 
-    batches = _run_pass(model, data, num_batches, call, bar, "recalibrate")
-    if batches == 0:
-        raise ValueError("recalibrate: data yielded no batches; nothing was recalibrated")
-    passes = 1
+    batches = passes.first("recalibrate")
+    count_passes = 1
     # Every rank reduces every layer in the same order, even layers it never called (count 0).
     results = {id(c): _reduce(c.result()) for c in captures}
     called = [c for c in captures if float(results[id(c)].count) > 0]
@@ -551,8 +547,8 @@ def _precise(
             capture.reset()
             capture.mode = "record"
             capture.stop = calls_in_first_pass[id(capture)] == batches
-            _run_pass(model, data, num_batches, call, bar, f"recalibrate {capture.name} ({k + 1}/{len(order)})")
-            passes += 1
+            passes.run(f"recalibrate {capture.name} ({k + 1}/{len(order)})")
+            count_passes += 1
             results[id(capture)] = _reduce(capture.result())
             _commit(capture, results[id(capture)])
             capture.stop = False
@@ -566,5 +562,5 @@ def _precise(
             _commit(capture, moments)
             counts[capture.name] = round(float(moments.count))
         else:
-            skipped[capture.name] = "never called during the forward passes"
-    return RecalibrationReport("precise", batches, passes, counts, skipped)
+            skipped[capture.name] = _NEVER_CALLED
+    return RecalibrationReport("precise", batches, count_passes, counts, skipped)
