@@ -14,7 +14,7 @@ import torch
 
 from bnkit.cli.commands.study import load_labelled
 from bnkit.cli.io import CliError
-from bnkit.cli.main import build_parser
+from bnkit.cli.main import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,13 +120,15 @@ def test_own_model_and_data_end_to_end(tmp_path: Path) -> None:
         (["--model", "torch.nn:Identity", "--target-data", "missing.pt"], "data file 'missing.pt' not found"),
         (["--domains", "fog"], "invalid choice: 'fog'"),
         (["--policies", "freeze", "--no-batch-study"], "unknown policy 'freeze'"),
+        (["--seeds", "0", "--batch-sizes", "3", "--norms", "ghost"], "ghost batches need batch sizes dividing"),
     ],
 )
-def test_errors_are_one_line_with_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
-    proc = _bnkit(*args, "--out", str(tmp_path / "o"), cwd=tmp_path)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+def test_errors_are_one_line_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert main(["study", *args, "--out", str(tmp_path / "o")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "o").exists()
 
 

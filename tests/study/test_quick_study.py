@@ -110,6 +110,7 @@ def test_conclusion_is_derived_from_the_numbers(quick: tuple[dict, Path]) -> Non
     assert f"at {fmt(contrast[best])}%" in text
     assert "negative control invert" in text
     assert "Freeze BN when fine-tuning all layers?" in text
+    assert "Checking bnkit.shift's advice against the measured winners: contrast:" in text
 
 
 def test_output_files(quick: tuple[dict, Path]) -> None:

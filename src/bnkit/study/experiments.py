@@ -372,5 +372,6 @@ def count_ticks(cfg: StudyConfig) -> int:
         >>> count_ticks(StudyConfig(seeds=(0,), domains=("blur",), policies=("source",), batch_sizes=()))
         2
     """
-    per_seed = 1 + len(cfg.domains) * len(cfg.policies) + len(trained_batch_norms(cfg)) * len(cfg.batch_sizes)
+    finetune = 1 + len(cfg.domains) * len(cfg.policies) if cfg.domains and cfg.policies else 0
+    per_seed = finetune + len(trained_batch_norms(cfg)) * len(cfg.batch_sizes)
     return per_seed * len(cfg.seeds)

@@ -347,6 +347,11 @@ def conclude(summary: dict[str, Any], batch_norm_titles: dict[str, str] | None =
                 f"({ref['score']['max']:.3g}); a keep-frozen threshold between the two is supported by this run."
             )
 
+    checks = [_check_shift_advice(d, e, finetune.get(d, {})) for d, e in scored]
+    checks = [c for c in checks if c]
+    if checks:
+        lines.append("Checking bnkit.shift's advice against the measured winners: " + "; ".join(checks) + ".")
+
     batch = summary.get("batch_size", {})
     titles = batch_norm_titles or {}
     if batch:
@@ -384,6 +389,37 @@ def conclude(summary: dict[str, Any], batch_norm_titles: dict[str, str] | None =
             )
         lines.append(text + ".")
     return lines
+
+
+def _check_shift_advice(domain: str, entry: dict[str, Any], per_policy: dict[str, Any]) -> str:
+    """One clause judging bnkit.shift's recommendation for ``domain`` by the measured accuracies."""
+    if not per_policy:
+        return ""
+    best = max(per_policy, key=lambda p: per_policy[p]["mean"])
+    advice = entry["recommendation"]
+    if advice == "keep-frozen" and "source" in per_policy:
+        if tied(per_policy["source"], per_policy[best]):
+            return f"{domain}: keep-frozen, and the untouched model is within noise of the best (matches)"
+        return (
+            f"{domain}: keep-frozen advised, but {_title(best)} beat the untouched model by "
+            f"{_points(per_policy[best], per_policy['source']):.1f} points (missed)"
+        )
+    if advice in ("recalibrate", "fine-tune-bn") and "recalibrate" in per_policy and "source" in per_policy:
+        gain = _points(per_policy["recalibrate"], per_policy["source"])
+        if gain < FIX_POINTS:
+            return (
+                f"{domain}: {advice} advised, but recalibration gained only {gain:.1f} points (the score "
+                "measures how far the statistics moved, not whether new statistics can undo the shift)"
+            )
+        if tied(per_policy["recalibrate"], per_policy[best]):
+            verdict = "matches" if advice == "recalibrate" else "recalibration alone was enough"
+            return f"{domain}: {advice}, and recalibration alone is within noise of the best ({verdict})"
+        extra = _points(per_policy[best], per_policy["recalibrate"])
+        return (
+            f"{domain}: {advice}; recalibration gained {gain:.1f} points and labelled training "
+            f"({_title(best)}) {extra:.1f} more"
+        )
+    return ""
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -554,7 +590,7 @@ def plot_policies(summary: dict[str, Any], path: Path) -> Path:
     finetune = summary["finetune"]
     domains = list(finetune)
     policies = list(dict.fromkeys(p for pp in finetune.values() for p in pp))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(domains) + 2), 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.9 * len(domains) + 2), 4.8), dpi=120)
     width = 0.8 / max(1, len(policies))
     cmap = plt.get_cmap("tab10")
     for i, p in enumerate(policies):
@@ -566,7 +602,8 @@ def plot_policies(summary: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("held-out target accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("Fine-tuning policy per target domain (mean ± std over seeds)")
-    ax.legend(fontsize=7, ncol=2, loc="lower right", framealpha=0.9)
+    # below the axes: inside, it would hide the low bars of the domains nothing fixes
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.09), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     _save_figure(fig, path)
