@@ -33,13 +33,15 @@ import re
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from torch import nn
+
+from bnkit.tools._common import first_line
 
 __all__ = [
     "CliError",
@@ -111,11 +113,6 @@ def is_factory_spec(spec: str) -> bool:
     return bool(_FACTORY.match(spec)) and not os.path.exists(spec)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _import_attr(spec: str, what: str) -> Any:
     module_name, _, attr_path = spec.partition(":")
     cwd = os.getcwd()
@@ -125,7 +122,7 @@ def _import_attr(spec: str, what: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise CliError(f"cannot import module {module_name!r} for {what} {spec!r}: {_first_line(exc)}") from exc
+        raise CliError(f"cannot import module {module_name!r} for {what} {spec!r}: {first_line(exc)}") from exc
     finally:
         if added:
             with contextlib.suppress(ValueError):
@@ -147,7 +144,7 @@ def _call_factory(spec: str, what: str) -> Any:
     try:
         return factory()
     except Exception as exc:  # the user's factory may raise anything; report it on one line
-        raise CliError(f"{what} factory {spec!r} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise CliError(f"{what} factory {spec!r} failed: {first_line(exc, with_type=True)}") from exc
 
 
 def _existing(path_text: str, what: str) -> Path:
@@ -189,7 +186,7 @@ def load_model(spec: str, weights: str | None = None) -> LoadedModel:
             try:
                 model = torch.jit.load(str(path), map_location="cpu")
             except Exception as exc:  # a damaged archive raises RuntimeError or others
-                raise CliError(f"cannot load TorchScript model {spec!r}: {_first_line(exc)}") from exc
+                raise CliError(f"cannot load TorchScript model {spec!r}: {first_line(exc)}") from exc
             loaded = LoadedModel(model, "torchscript", spec, path, None)
         else:
             obj = _torch_load(path, "model", weights_only=False)
@@ -218,7 +215,7 @@ def _torch_load(path: Path, what: str, *, weights_only: bool) -> Any:
         hint = ""
         if isinstance(exc, (AttributeError, ModuleNotFoundError)):
             hint = " (a pickled module needs its class importable: run from the project directory)"
-        raise CliError(f"cannot load {what} file {str(path)!r}: {_first_line(exc)}{hint}") from exc
+        raise CliError(f"cannot load {what} file {str(path)!r}: {first_line(exc)}{hint}") from exc
 
 
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -265,18 +262,14 @@ def _apply_weights(model: nn.Module, path: Path) -> None:
     state = _strip_prefixes(dict(state), expected)
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_few(unexpected)}")
+    parts = [f"{label} {_few(keys)}" for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if parts:
         raise CliError(f"weights file {str(path)!r} does not match the model: {'; '.join(parts)}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
-        detail = lines[0] if lines else _first_line(exc)
+        detail = lines[0] if lines else first_line(exc)
         raise CliError(f"weights file {str(path)!r} does not match the model: {detail}") from exc
 
 
@@ -356,9 +349,13 @@ def _from_object(obj: Any, batch_size: int, where: str) -> DataSource:
         raise CliError(f"data {where}: a dict without any of the keys {', '.join(_DATA_KEYS)}")
     if isinstance(obj, (tuple, list)) and obj:
         first = obj[0]
-        labelled = len(obj) == 2 and isinstance(obj[1], (torch.Tensor, np.ndarray)) and not isinstance(
-            first, (tuple, list)
-        ) and len(obj[1]) == len(first) and obj[1].ndim <= 1
+        labelled = (
+            len(obj) == 2
+            and isinstance(obj[1], (torch.Tensor, np.ndarray))
+            and not isinstance(first, (tuple, list))
+            and len(obj[1]) == len(first)
+            and obj[1].ndim <= 1
+        )
         if labelled:  # (inputs, labels)
             return _from_object(first, batch_size, f"{where} (inputs of an (inputs, labels) pair)")
         batches = [_to_tensor(b[0] if isinstance(b, (tuple, list)) else b, where) for b in obj]
@@ -399,7 +396,7 @@ def load_data(spec: str, *, batch_size: int = 64) -> DataSource:
         try:
             arrays = np.load(path, allow_pickle=False)
         except Exception as exc:  # corrupt or pickled arrays
-            raise CliError(f"cannot load data file {spec!r}: {_first_line(exc)}") from exc
+            raise CliError(f"cannot load data file {spec!r}: {first_line(exc)}") from exc
         if suffix == ".npy":
             return _split(_to_tensor(arrays, spec), batch_size, spec)
         with arrays:
@@ -411,8 +408,10 @@ def load_data(spec: str, *, batch_size: int = 64) -> DataSource:
                     f"{', '.join(_DATA_KEYS)}"
                 )
             return _split(_to_tensor(arrays[key], f"{spec}[{key!r}]"), batch_size, f"{spec}[{key!r}]")
-    raise CliError(f"unknown data format {suffix or '(no suffix)'!r} for {spec!r}: use .pt, .pth, .npy, .npz or "
-                   "package.module:factory")
+    raise CliError(
+        f"unknown data format {suffix or '(no suffix)'!r} for {spec!r}: use .pt, .pth, .npy, .npz or "
+        "package.module:factory"
+    )
 
 
 def check_output_path(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
@@ -440,8 +439,9 @@ def check_output_path(path: str | os.PathLike[str], inputs: Iterable[str | os.Pa
     return target
 
 
-def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], *,
-                 inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+def write_atomic(
+    path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], *, inputs: Iterable[str | os.PathLike[str]] = ()
+) -> Path:
     """Write a file through a temporary file in the same directory and ``os.replace``; never over an input.
 
     A reader never sees a half-written file, and on any error the temporary file is removed and an existing
@@ -516,23 +516,10 @@ def _script(model: nn.Module, example_inputs: Any) -> torch.jit.ScriptModule:
     except Exception as script_error:  # scripting fails on much Python; tracing is the fallback
         if example_inputs is None:
             raise CliError(
-                f"cannot script the model ({_first_line(script_error)}); give --input-size so it can be traced"
+                f"cannot script the model ({first_line(script_error)}); give --input-size so it can be traced"
             ) from script_error
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         try:
             return torch.jit.trace(model, args)
         except Exception as exc:  # untraceable models
-            raise CliError(f"cannot script or trace the model: {_first_line(exc)}") from exc
-
-
-def iter_limited(batches: Iterable[Any], limit: int | None) -> Iterator[Any]:
-    """The first ``limit`` batches (all when None).
-
-    Example:
-        >>> list(iter_limited([1, 2, 3], 2))
-        [1, 2]
-    """
-    for index, batch in enumerate(batches):
-        if limit is not None and index >= limit:
-            return
-        yield batch
+            raise CliError(f"cannot script or trace the model: {first_line(exc)}") from exc

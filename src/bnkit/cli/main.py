@@ -52,8 +52,7 @@ def _add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     if "--json" not in parser._option_string_actions:
         parser.add_argument("--json", action="store_true", default=default, help="print results as JSON")
     if "--debug" not in parser._option_string_actions:
-        parser.add_argument("--debug", action="store_true", default=default,
-                            help="show the full traceback on errors")
+        parser.add_argument("--debug", action="store_true", default=default, help="show the full traceback on errors")
 
 
 def _command_name(argv: Sequence[str]) -> str | None:
@@ -119,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a broken or missing command module must not take the others down
         if debug:
             traceback.print_exc()
-        error_line(PROG, f"the {command!r} command is not available: {type(exc).__name__}: {_first_line(exc)}")
+        from bnkit.tools._common import first_line
+
+        error_line(PROG, f"the {command!r} command is not available: {first_line(exc, with_type=True)}")
         return 2
     try:
         args = parser.parse_args(argv)
@@ -148,17 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _describe(exc: BaseException) -> str:
     from bnkit.cli.io import CliError
+    from bnkit.tools._common import first_line
 
     if isinstance(exc, (CliError, ValueError, TypeError, FileNotFoundError)):
-        return _first_line(exc)
-    return f"{type(exc).__name__}: {_first_line(exc)} (run with --debug for the traceback)"
+        return first_line(exc)
+    return f"{first_line(exc, with_type=True)} (run with --debug for the traceback)"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, is_dataclass
 from typing import IO, Any
 
+from bnkit.inspection._table import format_cell, text_table
+
 __all__ = ["Result", "Table", "emit", "error_line", "jsonable", "print_blocks", "progress", "use_rich"]
 
 
@@ -92,21 +94,7 @@ def use_rich(stream: IO[str]) -> bool:
     return True
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _plain_table(table: Table) -> str:
-    from bnkit.inspection._table import text_table
-
     text = text_table(list(table.columns), [list(r) for r in table.rows], title=table.title)
     if table.notes:
         text += "\n" + "\n".join(table.notes)
@@ -138,7 +126,7 @@ def print_blocks(blocks: Iterable[Table | str], stream: IO[str] | None = None, *
                 for column in block.columns:
                     rt.add_column(str(column), overflow="fold")
                 for row in block.rows:
-                    rt.add_row(*(_cell(v) for v in row))
+                    rt.add_row(*(format_cell(v) for v in row))
                 console.print(rt)
                 for note in block.notes:
                     console.print(note, markup=False, highlight=False)

@@ -147,6 +147,17 @@ class ShiftReport:
         """
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShiftReport:
+        """The report back from :meth:`to_dict` (e.g. from ``bnkit shift --json``).
+
+        Example:
+            >>> report = ShiftReport([LayerShift("bn", 4, 100, 0.5, 1.0, 0.1, 0.2)], 0.5, "recalibrate", "", 1)
+            >>> ShiftReport.from_dict(report.to_dict()) == report
+            True
+        """
+        return cls(**{**data, "layers": [LayerShift(**layer) for layer in data["layers"]]})
+
     def to_json(self, indent: int | None = 2) -> str:
         """JSON text of :meth:`to_dict` (non-finite numbers as strings).
 
@@ -170,9 +181,17 @@ class ShiftReport:
             for row in self.layers
         ]
 
+    def verdict(self) -> str:
+        """The score, the recommendation and why, in one line.
+
+        Example:
+            >>> ShiftReport([], 0.01, "keep-frozen", "Close.", 1).verdict()
+            'score 0.01: keep-frozen. Close.'
+        """
+        return f"score {self.score:.4g}: {self.recommendation}. {self.reason}"
+
     def __str__(self) -> str:
-        table = text_table(self.columns, self.rows())
-        return f"{table}\n\nscore {self.score:.4g}: {self.recommendation}. {self.reason}"
+        return f"{text_table(self.columns, self.rows())}\n\n{self.verdict()}"
 
 
 def recommend(score: float) -> tuple[str, str]:

@@ -103,6 +103,17 @@ class Summary:
         """
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Summary:
+        """The summary back from :meth:`to_dict` (e.g. from ``bnkit summary --json``).
+
+        Example:
+            >>> s = summary(nn.Linear(2, 2))
+            >>> Summary.from_dict(s.to_dict()) == s
+            True
+        """
+        return cls(**{**data, "rows": [LayerSummary(**row) for row in data["rows"]]})
+
     def to_json(self, indent: int | None = 2) -> str:
         """JSON text of :meth:`to_dict`.
 
@@ -146,15 +157,23 @@ class Summary:
         )
         return rows
 
-    def __str__(self) -> str:
-        table = text_table(self.columns, self.table_rows())
-        footer = (
+    def footer(self) -> str:
+        """The totals in both conventions, one line each.
+
+        Example:
+            >>> print(summary(nn.Linear(2, 2)).footer())
+            Keras style:   total 6  trainable 6  non-trainable 0
+            PyTorch style: parameters 6  trainable 6  buffers 0
+        """
+        return (
             f"Keras style:   total {self.total:,}  trainable {self.trainable:,}  "
             f"non-trainable {self.non_trainable:,}\n"
             f"PyTorch style: parameters {self.parameters:,}  trainable {self.trainable_parameters:,}  "
             f"buffers {self.buffers:,}"
         )
-        return f"{table}\n\n{footer}"
+
+    def __str__(self) -> str:
+        return f"{text_table(self.columns, self.table_rows())}\n\n{self.footer()}"
 
 
 def _is_keras_state(module: nn.Module, buffer: torch.Tensor) -> bool:

@@ -11,7 +11,11 @@ Contract of a command module ``bnkit/cli/commands/<name>.py`` (registered in :da
   :class:`bnkit.cli.io.CliError` (or ValueError/TypeError) for anything the user should fix: main prints one
   line and exits 2.
 * ``render(data) -> list[Table | str]`` (optional): the human-readable form; ``--json`` prints ``data``.
-* ``main(argv=None) -> int``: runs just this command (``bnkit.cli.main.main([name, *argv])``).
+* ``main(argv=None) -> int``: runs just this command (``bnkit.cli.main.main([name, *argv])``); build it with
+  :func:`command_main`.
+
+The helpers below hold what several commands share: registration (:func:`add_command`), the ``MODEL`` and
+``DATA`` arguments, ``--input-size`` and the example batch made from it, and loading an eager model.
 
 Which model forms each command accepts (``package.module:factory [--weights]``, a pickled module, TorchScript):
 every command takes factories and pickled modules; TorchScript files only ``summary``.
@@ -20,14 +24,27 @@ every command takes factories and pickled modules; TorchScript files only ``summ
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from bnkit.cli.io import CliError
+from bnkit.cli.io import CliError, LoadedModel, load_model, require_eager
+from bnkit.tools._common import input_device_dtype
 
-__all__ = ["add_model_arguments", "example_from_size", "parse_size"]
+__all__ = [
+    "add_command",
+    "add_data_arguments",
+    "add_input_size",
+    "add_model_arguments",
+    "command_main",
+    "example_batch",
+    "example_from_size",
+    "first_batch",
+    "load_eager",
+    "parse_size",
+    "positive_int",
+]
 
 MODEL_HELP = (
     "the model: package.module:factory (called without arguments; use --weights for a checkpoint), a module "
@@ -39,6 +56,63 @@ DATA_HELP = (
 )
 
 
+def add_command(
+    subparsers: Any,
+    name: str,
+    help_text: str,
+    description: str | None = None,
+    *,
+    run: Callable[[argparse.Namespace], Any],
+    render: Callable[[Any], list[Any]] | None = None,
+) -> argparse.ArgumentParser:
+    """Register sub-command ``name`` with its handler ``run`` and human-readable ``render``; returns its parser.
+
+    Example:
+        >>> sub = argparse.ArgumentParser().add_subparsers(dest="command")
+        >>> parser = add_command(sub, "hello", "say hello", run=lambda args: "hello")
+        >>> parser.parse_args([]).func(None)
+        'hello'
+    """
+    parser = subparsers.add_parser(name, help=help_text, description=description or help_text)
+    parser.set_defaults(func=run, render=render)
+    return parser
+
+
+def command_main(name: str) -> Callable[[Sequence[str] | None], int]:
+    """The ``main(argv=None) -> int`` of a command module: runs ``bnkit NAME *argv`` and returns the exit status.
+
+    Example:
+        >>> command_main("summary")(["torch.nn:Identity", "--json"])  # doctest: +ELLIPSIS
+        {
+        ...
+        0
+    """
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        from bnkit.cli.main import main as cli_main
+
+        return cli_main([name, *(argv or [])])
+
+    main.__doc__ = f"Run ``bnkit {name}`` alone (``argv`` without the command name); returns the exit status."
+    return main
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts such as ``--batch-size``: a positive integer.
+
+    Example:
+        >>> positive_int("8")
+        8
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``MODEL`` and ``--weights``.
 
@@ -48,8 +122,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         'w.pt'
     """
     parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    parser.add_argument("--weights", metavar="CKPT", default=None,
-                        help="state dict (or checkpoint with one under state_dict/model/...) to load into MODEL")
+    parser.add_argument(
+        "--weights",
+        metavar="CKPT",
+        default=None,
+        help="state dict (or checkpoint with one under state_dict/model/...) to load into MODEL",
+    )
 
 
 def parse_size(text: str) -> tuple[int, ...]:
@@ -72,6 +150,31 @@ def parse_size(text: str) -> tuple[int, ...]:
     return size
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``DATA``, ``--batch-size`` (for tensor data, default 64) and ``--num-batches``.
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_data_arguments(p)
+        >>> args = p.parse_args(["x.npy", "--num-batches", "3"])
+        >>> args.data, args.batch_size, args.num_batches
+        ('x.npy', 64, 3)
+    """
+    parser.add_argument("data", metavar="DATA", help=DATA_HELP)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch for tensor data (64)")
+    parser.add_argument("--num-batches", type=positive_int, default=None, help="use at most this many batches")
+
+
+def load_eager(args: argparse.Namespace, command: str) -> tuple[LoadedModel, torch.nn.Module]:
+    """``MODEL``/``--weights`` loaded, and the eager module (a one-line error for TorchScript).
+
+    Example:
+        >>> load_eager(argparse.Namespace(model="torch.nn:Identity", weights=None), "explain")[1]
+        Identity()
+    """
+    loaded = load_model(args.model, args.weights)
+    return loaded, require_eager(loaded, command)
+
+
 def add_input_size(parser: argparse.ArgumentParser, help_text: str) -> None:
     """``--input-size C,H,W`` (without the batch dimension).
 
@@ -90,11 +193,19 @@ def example_from_size(model: torch.nn.Module, size: Sequence[int], batch: int, s
         >>> example_from_size(torch.nn.Linear(3, 2), (3,), 4).shape
         torch.Size([4, 3])
     """
-    first = next(iter(model.parameters()), None)
-    device = first.device if first is not None else torch.device("cpu")
-    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    device, dtype = input_device_dtype(model)
     generator = torch.Generator().manual_seed(seed)
     return torch.randn((batch, *size), generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def example_batch(model: torch.nn.Module, input_size: str | None, batch: int) -> torch.Tensor | None:
+    """:func:`example_from_size` for ``--input-size`` text, or None when it was not given.
+
+    Example:
+        >>> example_batch(torch.nn.Linear(3, 2), "3", 4).shape, example_batch(torch.nn.Linear(3, 2), None, 4)
+        (torch.Size([4, 3]), None)
+    """
+    return example_from_size(model, parse_size(input_size), batch) if input_size else None
 
 
 def first_batch(batches: Any) -> Any:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from typing import Any
 
-from bnkit.cli.commands import add_input_size, add_model_arguments, example_from_size, parse_size
+from bnkit.cli.commands import (
+    add_command,
+    add_input_size,
+    add_model_arguments,
+    command_main,
+    example_batch,
+    load_eager,
+    positive_int,
+)
 from bnkit.cli.commands._save import add_output_arguments, check_output, write_model
-from bnkit.cli.io import load_model, require_eager
 from bnkit.cli.output import Table
 
 NAME = "convert"
@@ -24,20 +30,31 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         >>> main_parser("convert").parse_args(["convert", "m.pt", "--to", "torch", "-o", "t.pt"]).to
         'torch'
     """
-    parser = subparsers.add_parser(
-        NAME, help=HELP,
-        description="Convert every BatchNorm layer: to bnkit.BatchNorm (exact), to plain torch BatchNorm (also "
+    parser = add_command(
+        subparsers,
+        NAME,
+        HELP,
+        "Convert every BatchNorm layer: to bnkit.BatchNorm (exact), to plain torch BatchNorm (also "
         "from SyncBatchNorm), to SyncBatchNorm, or to GroupNorm; write the model to OUT.",
+        run=run,
+        render=render,
     )
     add_model_arguments(parser)
     parser.add_argument("--to", required=True, choices=TARGETS, help="target form")
     add_output_arguments(parser, auto="module")
-    parser.add_argument("--groups", type=int, default=None, help="--to group: number of groups (default: the "
-                        "largest divisor of the channels <= 32)")
+    parser.add_argument(
+        "--groups",
+        type=positive_int,
+        default=None,
+        help="--to group: number of groups (default: the largest divisor of the channels <= 32)",
+    )
     add_input_size(parser, "input shape without the batch dimension: tells --to torch/group each layer's rank")
-    parser.add_argument("--no-strict", dest="strict", action="store_false",
-                        help="--to torch: drop bnkit settings torch cannot express instead of refusing")
-    parser.set_defaults(func=run, render=render)
+    parser.add_argument(
+        "--no-strict",
+        dest="strict",
+        action="store_false",
+        help="--to torch: drop bnkit settings torch cannot express instead of refusing",
+    )
     return parser
 
 
@@ -50,10 +67,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """
     from bnkit.tools.convert import convert
 
-    loaded = load_model(args.model, args.weights)
-    model = require_eager(loaded, NAME)
+    loaded, model = load_eager(args, NAME)
     check_output(loaded, args)
-    example = example_from_size(model, parse_size(args.input_size), 2) if args.input_size else None
+    example = example_batch(model, args.input_size, 2)
     before = {name: type(m).__name__ for name, m in model.named_modules()}
     converted = convert(model, args.to, example_inputs=example, groups=args.groups, strict=args.strict)
     layers = [
@@ -74,19 +90,12 @@ def render(data: dict[str, Any]) -> list[Table | str]:
     """
     blocks: list[Table | str] = []
     if data["converted"]:
-        blocks.append(Table(None, ["layer", "from", "to"], [[c["layer"], c["from"], c["to"]]
-                                                             for c in data["converted"]]))
-    blocks.append(f"wrote {data['output']} ({data['format']}): {len(data['converted'])} layers converted to "
-                  f"{data['to']}")
+        rows = [[c["layer"], c["from"], c["to"]] for c in data["converted"]]
+        blocks.append(Table(None, ["layer", "from", "to"], rows))
+    blocks.append(
+        f"wrote {data['output']} ({data['format']}): {len(data['converted'])} layers converted to {data['to']}"
+    )
     return blocks
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``bnkit convert`` alone.
-
-    Example:
-        >>> main(["m.pt", "--to", "bnkit", "-o", "b.pt"])  # doctest: +SKIP
-    """
-    from bnkit.cli.main import main as cli_main
-
-    return cli_main([NAME, *(argv or [])])
+main = command_main(NAME)

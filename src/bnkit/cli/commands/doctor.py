@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from typing import Any
 
 from bnkit.cli.commands import (
     DATA_HELP,
+    add_command,
     add_input_size,
     add_model_arguments,
-    example_from_size,
+    command_main,
+    example_batch,
     first_batch,
-    parse_size,
+    load_eager,
+    positive_int,
 )
-from bnkit.cli.io import CliError, load_data, load_model, require_eager
+from bnkit.cli.io import CliError, load_data
 from bnkit.cli.output import Result, Table
 
 NAME = "doctor"
@@ -30,21 +32,36 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         >>> main_parser("doctor").parse_args(["doctor", "m.pt", "--intent", "inference"]).intent
         'inference'
     """
-    parser = subparsers.add_parser(
-        NAME, help=HELP,
-        description="Check every BatchNorm layer against the rules BN001-BN011 (bnkit.doctor). An example batch "
+    parser = add_command(
+        subparsers,
+        NAME,
+        HELP,
+        "Check every BatchNorm layer against the rules BN001-BN011 (bnkit.doctor). An example batch "
         "(--data, or --input-size with --batch-size) enables the batch-size and call-count rules.",
+        run=run,
+        render=render,
     )
     add_model_arguments(parser)
-    parser.add_argument("--intent", choices=["inference", "training", "fine-tune"], default=None,
-                        help="what the model is for (default: its training flag decides)")
+    parser.add_argument(
+        "--intent",
+        choices=["inference", "training", "fine-tune"],
+        default=None,
+        help="what the model is for (default: its training flag decides)",
+    )
     add_input_size(parser, "example input shape without the batch dimension (random normal example batch)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="per-device batch size of the example (default 8 with --input-size; --data: as saved)")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="per-device batch size of the example (default 8 with --input-size; --data: as saved)",
+    )
     parser.add_argument("--data", default=None, help="take the example batch from data: " + DATA_HELP)
-    parser.add_argument("--fail-on", choices=list(_LEVELS), default="never",
-                        help="exit with status 1 when a finding is at least this severe (default never)")
-    parser.set_defaults(func=run, render=render)
+    parser.add_argument(
+        "--fail-on",
+        choices=list(_LEVELS),
+        default="never",
+        help="exit with status 1 when a finding is at least this severe (default never)",
+    )
     return parser
 
 
@@ -59,45 +76,35 @@ def run(args: argparse.Namespace) -> Result:
     """
     from bnkit.inspection.doctor import SEVERITIES, doctor
 
-    model = require_eager(load_model(args.model, args.weights), NAME)
-    example = None
+    _, model = load_eager(args, NAME)
     if args.data is not None and args.input_size is not None:
         raise CliError("give either --data or --input-size for the example batch, not both")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise CliError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.data is not None:
         batch = first_batch(load_data(args.data, batch_size=args.batch_size or 10**9).batches)
         example = batch[0] if isinstance(batch, (tuple, list)) else batch
-    elif args.input_size is not None:
-        example = example_from_size(model, parse_size(args.input_size), args.batch_size or 8)
+    else:
+        example = example_batch(model, args.input_size, args.batch_size or 8)
     findings = doctor(model, example, intent=args.intent)
     worst = findings.worst()
-    threshold = _LEVELS[args.fail_on]
-    failed = worst is not None and SEVERITIES.index(worst) <= threshold
+    failed = worst is not None and SEVERITIES.index(worst) <= _LEVELS[args.fail_on]
     return Result(findings.to_dicts(), exit_code=1 if failed else 0)
 
 
 def render(data: list[dict[str, Any]]) -> list[Table | str]:
-    """A table of findings, or a line saying there is none.
+    """The library's table of findings and a count per severity, or a line saying there is none.
 
     Example:
         >>> render([])
         ['no problems found']
     """
-    if not data:
-        return ["no problems found"]
-    rows = [[f["code"], f["severity"], f["layer"] or "(model)", f["message"], f["fix"]] for f in data]
-    counts = {s: sum(f["severity"] == s for f in data) for s in ("error", "warning", "info")}
+    from bnkit.inspection.doctor import SEVERITIES, Diagnosis, Finding
+
+    findings = Diagnosis(Finding(**f) for f in data)
+    if not findings:
+        return [findings.empty]
+    counts = {s: sum(f.severity == s for f in findings) for s in SEVERITIES}
     summary_line = ", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items() if n)
-    return [Table(None, ["code", "severity", "layer", "problem", "fix"], rows), summary_line]
+    return [Table(None, findings.columns, findings.rows()), summary_line]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``bnkit doctor`` alone.
-
-    Example:
-        >>> main(["torch.nn:Identity"])  # doctest: +SKIP
-    """
-    from bnkit.cli.main import main as cli_main
-
-    return cli_main([NAME, *(argv or [])])
+main = command_main(NAME)

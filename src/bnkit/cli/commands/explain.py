@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from typing import Any
 
-from bnkit.cli.commands import add_model_arguments
-from bnkit.cli.io import load_model, require_eager
+from bnkit.cli.commands import add_command, add_model_arguments, command_main, load_eager
 from bnkit.cli.output import Table
 
 NAME = "explain"
@@ -22,9 +20,8 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         >>> main_parser("explain").parse_args(["explain", "m.pt"]).model
         'm.pt'
     """
-    parser = subparsers.add_parser(NAME, help=HELP, description=HELP + ". One row per norm layer.")
+    parser = add_command(subparsers, NAME, HELP, HELP + ". One row per norm layer.", run=run, render=render)
     add_model_arguments(parser)
-    parser.set_defaults(func=run, render=render)
     return parser
 
 
@@ -36,38 +33,23 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """
     from bnkit.inspection.explain import explain
 
-    model = require_eager(load_model(args.model, args.weights), NAME)
+    _, model = load_eager(args, NAME)
     return explain(model).to_dicts()
 
 
 def render(data: list[dict[str, Any]]) -> list[Table | str]:
-    """A table with one row per layer.
+    """A table with one row per layer (the library's table of :func:`bnkit.explain`).
 
     Example:
         >>> render([])
         ['no BatchNorm or other normalisation layer found']
     """
-    if not data:
-        return ["no BatchNorm or other normalisation layer found"]
-    from bnkit.inspection._common import Mode
+    from bnkit.inspection.explain import Explanation, LayerExplanation
 
-    rows = []
-    for row in data:
-        train, evaluation = Mode(**row["train"]), Mode(**row["eval"])
-        rows.append([
-            row["name"] or "(model)", row["type"], row["channels"], row["now"], train.describe(),
-            evaluation.describe(), row["affine"], "\n".join(row["reasons"]),
-        ])
-    columns = ["layer", "type", "ch", "now", "in train()", "in eval()", "gamma/beta", "why"]
-    return [Table(None, columns, rows)]
+    table = Explanation(LayerExplanation.from_dict(row) for row in data)
+    if not table:
+        return [table.empty]
+    return [Table(None, table.columns, table.rows())]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``bnkit explain`` alone.
-
-    Example:
-        >>> main(["--help"])  # doctest: +SKIP
-    """
-    from bnkit.cli.main import main as cli_main
-
-    return cli_main([NAME, *(argv or [])])
+main = command_main(NAME)

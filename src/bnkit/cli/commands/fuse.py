@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from typing import Any
 
-from bnkit.cli.commands import add_input_size, add_model_arguments, example_from_size, parse_size
+from bnkit.cli.commands import (
+    add_command,
+    add_input_size,
+    add_model_arguments,
+    command_main,
+    example_batch,
+    load_eager,
+    positive_int,
+)
 from bnkit.cli.commands._save import add_output_arguments, check_output, write_model
-from bnkit.cli.io import CliError, load_model, require_eager
+from bnkit.cli.io import CliError
 from bnkit.cli.output import Table
 
 NAME = "fuse"
@@ -23,21 +30,26 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         >>> main_parser("fuse").parse_args(["fuse", "m.pt", "-o", "f.pt"]).check
         True
     """
-    parser = subparsers.add_parser(
-        NAME, help=HELP,
-        description="Fold BatchNorm layers into the conv/linear layers next to them (eval mode), check that the "
+    parser = add_command(
+        subparsers,
+        NAME,
+        HELP,
+        "Fold BatchNorm layers into the conv/linear layers next to them (eval mode), check that the "
         "fused model gives the same outputs, and write it to OUT. The input file is never changed.",
+        run=run,
+        render=render,
     )
     add_model_arguments(parser)
     add_output_arguments(parser, auto="module")
-    add_input_size(parser, "input shape without the batch dimension for the check (default: generated from "
-                   "the first layer)")
-    parser.add_argument("--batch-size", type=int, default=2, help="batch of the check input (2)")
-    parser.add_argument("--no-check", dest="check", action="store_false",
-                        help="do not compare fused and original outputs")
+    add_input_size(
+        parser, "input shape without the batch dimension for the check (default: generated from the first layer)"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="batch of the check input (2)")
+    parser.add_argument(
+        "--no-check", dest="check", action="store_false", help="do not compare fused and original outputs"
+    )
     parser.add_argument("--atol", type=float, default=None, help="absolute tolerance of the check")
     parser.add_argument("--rtol", type=float, default=None, help="relative tolerance of the check")
-    parser.set_defaults(func=run, render=render)
     return parser
 
 
@@ -48,28 +60,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         >>> run(argparse.Namespace(model="m.pt", weights=None, output="f.pt", format="auto", input_size=None,
         ...                        batch_size=2, check=True, atol=None, rtol=None))  # doctest: +SKIP
     """
+    from bnkit.tools._common import first_line
     from bnkit.tools.fuse import fuse_with_report
 
-    loaded = load_model(args.model, args.weights)
-    model = require_eager(loaded, NAME)
+    loaded, model = load_eager(args, NAME)
     check_output(loaded, args)
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    example = example_from_size(model, parse_size(args.input_size), args.batch_size) if args.input_size else None
+    example = example_batch(model, args.input_size, args.batch_size)
     try:
         fused, report = fuse_with_report(model, example, check=args.check, atol=args.atol, rtol=args.rtol)
     except ValueError as exc:
         if "example_inputs" in str(exc) and example is None:
-            reason = _first_line(exc).split("; pass example_inputs")[0]
+            reason = first_line(exc).split("; pass example_inputs")[0]
             raise CliError(f"{reason}: give --input-size C,H,W for the check (or --no-check)") from exc
         raise
     written = write_model(fused, loaded, args, auto="module", extra_inputs=[], example_inputs=example)
     return {**written, **report.to_dict()}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def render(data: dict[str, Any]) -> list[Table | str]:
@@ -80,13 +85,7 @@ def render(data: dict[str, Any]) -> list[Table | str]:
         ...         "tolerance": None, "output": "f.pt", "format": "module"})[-1]
         'wrote f.pt (module); 0 BatchNorm layers folded, 0 skipped; not checked'
     """
-    blocks: list[Table | str] = []
-    if data["folded"]:
-        keys = list(data["folded"][0])
-        blocks.append(Table("folded", keys, [[f[k] for k in keys] for f in data["folded"]]))
-    if data["skipped"]:
-        keys = list(data["skipped"][0])
-        blocks.append(Table("skipped", keys, [[s[k] for k in keys] for s in data["skipped"]]))
+    blocks: list[Table | str] = [_records_table(title, data[title]) for title in ("folded", "skipped") if data[title]]
     blocks.extend(data.get("notes") or [])
     check = (
         f"checked: max |diff| {data['max_abs_diff']:.3g} <= {data['tolerance']:.3g}"
@@ -100,12 +99,9 @@ def render(data: dict[str, Any]) -> list[Table | str]:
     return blocks
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``bnkit fuse`` alone.
+def _records_table(title: str, records: list[dict[str, Any]]) -> Table:
+    keys = list(records[0])
+    return Table(title, keys, [[record[k] for k in keys] for record in records])
 
-    Example:
-        >>> main(["m.pt", "-o", "fused.pt"])  # doctest: +SKIP
-    """
-    from bnkit.cli.main import main as cli_main
 
-    return cli_main([NAME, *(argv or [])])
+main = command_main(NAME)

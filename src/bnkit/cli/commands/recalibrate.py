@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bnkit.cli.commands import DATA_HELP, add_model_arguments
+from bnkit.cli.commands import add_command, add_data_arguments, add_model_arguments, command_main, load_eager
 from bnkit.cli.commands._save import add_output_arguments, check_output, write_model
-from bnkit.cli.io import is_factory_spec, load_data, load_model, require_eager
+from bnkit.cli.io import is_factory_spec, load_data
 from bnkit.cli.output import Table
 
 NAME = "recalibrate"
@@ -25,21 +24,27 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         >>> main_parser("recalibrate").parse_args(["recalibrate", "m.pt", "x.npy", "-o", "r.pt"]).method
         'precise'
     """
-    parser = subparsers.add_parser(
-        NAME, help=HELP,
-        description="Recompute the running statistics of every BatchNorm layer from DATA (bnkit.recalibrate) "
+    parser = add_command(
+        subparsers,
+        NAME,
+        HELP,
+        "Recompute the running statistics of every BatchNorm layer from DATA (bnkit.recalibrate) "
         "and write the model to OUT. On target-domain data this is AdaBN. The input file is never changed.",
+        run=run,
+        render=render,
     )
     add_model_arguments(parser)
-    parser.add_argument("data", metavar="DATA", help=DATA_HELP)
+    add_data_arguments(parser)
     add_output_arguments(parser, auto="state_dict for a factory model (load it with --weights), module otherwise")
-    parser.add_argument("--method", choices=["precise", "ema"], default="precise",
-                        help="precise: exact population statistics (default); ema: momentum updates")
-    parser.add_argument("--sequential", action="store_true",
-                        help="recompute layer by layer (one pass over DATA per layer)")
-    parser.add_argument("--batch-size", type=int, default=64, help="samples per batch for tensor data (64)")
-    parser.add_argument("--num-batches", type=int, default=None, help="use at most this many batches")
-    parser.set_defaults(func=run, render=render)
+    parser.add_argument(
+        "--method",
+        choices=["precise", "ema"],
+        default="precise",
+        help="precise: exact population statistics (default); ema: momentum updates",
+    )
+    parser.add_argument(
+        "--sequential", action="store_true", help="recompute layer by layer (one pass over DATA per layer)"
+    )
     return parser
 
 
@@ -54,13 +59,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from bnkit.tools.recalibrate import recalibrate
 
-    loaded = load_model(args.model, args.weights)
-    model = require_eager(loaded, NAME)
+    loaded, model = load_eager(args, NAME)
     data_inputs = [] if is_factory_spec(args.data) else [Path(args.data)]
     check_output(loaded, args, data_inputs)
     source = load_data(args.data, batch_size=args.batch_size)
     report = recalibrate(
-        model, source.batches, method=args.method, num_batches=args.num_batches, progress=sys.stderr.isatty(),
+        model,
+        source.batches,
+        method=args.method,
+        num_batches=args.num_batches,
+        progress=sys.stderr.isatty(),
         sequential=args.sequential,
     )
     auto = "state_dict" if loaded.kind == "factory" else "module"
@@ -87,12 +95,4 @@ def render(data: dict[str, Any]) -> list[Table | str]:
     return blocks
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``bnkit recalibrate`` alone.
-
-    Example:
-        >>> main(["m.pt", "x.npy", "-o", "r.pt"])  # doctest: +SKIP
-    """
-    from bnkit.cli.main import main as cli_main
-
-    return cli_main([NAME, *(argv or [])])
+main = command_main(NAME)

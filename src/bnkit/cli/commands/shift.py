@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from typing import Any
 
-from bnkit.cli.commands import DATA_HELP, add_model_arguments
-from bnkit.cli.io import load_data, load_model, require_eager
+from bnkit.cli.commands import add_command, add_data_arguments, add_model_arguments, command_main, load_eager
+from bnkit.cli.io import load_data
 from bnkit.cli.output import Table, progress
 
 NAME = "shift"
@@ -22,17 +21,18 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         >>> main_parser("shift").parse_args(["shift", "m.pt", "x.npy"]).batch_size
         64
     """
-    parser = subparsers.add_parser(
-        NAME, help=HELP,
-        description="Per BatchNorm layer, the symmetric KL divergence between its running statistics and the "
+    parser = add_command(
+        subparsers,
+        NAME,
+        HELP,
+        "Per BatchNorm layer, the symmetric KL divergence between its running statistics and the "
         "statistics of its input on DATA (model in eval mode, unchanged), an overall score and a "
         "recommendation: keep-frozen, recalibrate (AdaBN) or fine-tune-bn (see bnkit.inspection.shift).",
+        run=run,
+        render=render,
     )
     add_model_arguments(parser)
-    parser.add_argument("data", metavar="DATA", help=DATA_HELP)
-    parser.add_argument("--batch-size", type=int, default=64, help="samples per batch for tensor data (64)")
-    parser.add_argument("--num-batches", type=int, default=None, help="use at most this many batches")
-    parser.set_defaults(func=run, render=render)
+    add_data_arguments(parser)
     return parser
 
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """
     from bnkit.inspection.shift import shift
 
-    model = require_eager(load_model(args.model, args.weights), NAME)
+    _, model = load_eager(args, NAME)
     source = load_data(args.data, batch_size=args.batch_size)
     total = source.num_batches
     if args.num_batches is not None and total is not None:
@@ -55,27 +55,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(data: dict[str, Any]) -> list[Table | str]:
-    """The per-layer table and the verdict.
+    """The library's per-layer table, the layers skipped, and the verdict.
 
     Example:
         >>> render({"layers": [], "score": 0.0, "recommendation": "keep-frozen", "reason": "r", "batches": 1,
         ...         "skipped": []})[-1]
         'score 0: keep-frozen. r'
     """
-    columns = ["layer", "channels", "distance", "max channel", "mean shift (sd)", "|log var ratio|"]
-    rows = [[r["name"], r["channels"], r["distance"], r["max_channel_distance"], r["mean_shift"],
-             r["log_var_ratio"]] for r in data["layers"]]
-    notes = [f"skipped: {', '.join(data['skipped'])}"] if data.get("skipped") else []
-    verdict = f"score {data['score']:.4g}: {data['recommendation']}. {data['reason']}"
-    return [Table(None, columns, rows, notes), verdict]
+    from bnkit.inspection.shift import ShiftReport
+
+    report = ShiftReport.from_dict(data)
+    notes = [f"skipped: {', '.join(report.skipped)}"] if report.skipped else []
+    return [Table(None, report.columns, report.rows(), notes), report.verdict()]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``bnkit shift`` alone.
-
-    Example:
-        >>> main(["m.pt", "x.npy"])  # doctest: +SKIP
-    """
-    from bnkit.cli.main import main as cli_main
-
-    return cli_main([NAME, *(argv or [])])
+main = command_main(NAME)
