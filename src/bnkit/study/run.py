@@ -51,6 +51,13 @@ BATCH_PROTOCOL = (
 )
 
 
+QUICK_NOTE = (
+    "Quick run: fewer epochs and batch sizes than the default run. Small batches take more steps per epoch, "
+    "so the large-batch runs of the batch-size experiment are the least trained; run `bnkit study` for the "
+    "full numbers."
+)
+
+
 @contextlib.contextmanager
 def deterministic(threads: int) -> Iterator[None]:
     """Run the body with ``threads`` intra-op threads and deterministic algorithms; restore both afterwards.
@@ -316,6 +323,9 @@ def run_study(
     if "fuse" in summary and timing["latency_ms"]:
         summary["fuse"]["latency"] = latency_summary(timing["latency_ms"])
     titles = {k: v for k, v in BATCH_NORMS.items() if k in cfg.batch_norms}
+    conclusion = conclude(summary, titles)
+    if cfg.quick:
+        conclusion.insert(0, QUICK_NOTE)
     results: dict[str, Any] = {
         "bnkit_version": bnkit.__version__,
         "torch_version": torch.__version__,
@@ -328,7 +338,7 @@ def run_study(
         "batch_protocol": BATCH_PROTOCOL.format(ghost=cfg.ghost_step_batch) if rows["batch_size"] else None,
         "rows": rows,
         "summary": summary,
-        "conclusion": conclude(summary, titles),
+        "conclusion": conclusion,
         "run": {"wall_s": wall, "jobs": jobs, "threads": cfg.threads, "python": sys.version.split()[0], **timing},
     }
     if out is not None:
