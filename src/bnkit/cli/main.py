@@ -93,9 +93,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         if hasattr(module, "build_parser"):
             sub = module.build_parser(subparsers)
-        else:  # the lighter contract: the module only adds arguments to a parser made here
-            sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        else:  # the declarative contract: the parser is made here from the module's parts
+            sub = subparsers.add_parser(name, help=help_text, description=getattr(module, "DESCRIPTION", help_text))
             module.add_arguments(sub)
+            if hasattr(module, "run"):
+                sub.set_defaults(func=module.run, render=getattr(module, "render", None))
         _add_common(sub, top=False)
     return parser
 

@@ -153,25 +153,6 @@ def _torch_from_torch(module: nn.Module, cls: type[nn.Module], **extra: Any) -> 
     return _take_state(module, new)
 
 
-def _bnkit_from_torch(module: nn.Module) -> nn.Module:
-    """``bnkit.BatchNorm.from_torch``, plus torch 2.13's ``bias=False`` layers (gamma without beta)."""
-    cls = bnkit_batchnorm_class()
-    if not (module.affine and module.bias is None):
-        return cls.from_torch(module)
-    new = cls(
-        module.num_features,
-        eps=module.eps,
-        momentum=module.momentum,
-        affine=True,
-        track_running_stats=module.track_running_stats,
-        sync=isinstance(module, nn.SyncBatchNorm),
-        process_group=getattr(module, "process_group", None),
-        **_factory(module),
-    )
-    new.register_parameter("bias", None)
-    return _take_state(module, new)
-
-
 def _bnkit_to_torch(label: str, module: nn.Module, dim: int, strict: bool) -> nn.Module:
     """``torch.nn.BatchNorm{dim}d`` via :meth:`bnkit.BatchNorm.to_torch`; a frozen layer stays frozen."""
     try:
@@ -186,7 +167,7 @@ def _bnkit_to_torch(label: str, module: nn.Module, dim: int, strict: bool) -> nn
 def _to_bnkit(name: str, module: nn.Module, sync: bool, process_group: Any) -> nn.Module:
     if is_bnkit_batchnorm(module):
         return _bnkit_synced(module, process_group) if sync else module
-    new = _bnkit_from_torch(module)
+    new = bnkit_batchnorm_class().from_torch(module)
     if sync:
         new.sync = True
         if process_group is not None or not isinstance(module, nn.SyncBatchNorm):

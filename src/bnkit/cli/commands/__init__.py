@@ -1,21 +1,25 @@
 """The sub-commands of ``bnkit``, one module each, and the argument helpers they share.
 
-Contract of a command module ``bnkit/cli/commands/<name>.py`` (registered in :data:`bnkit.cli.main.COMMANDS`):
+Contract of a command module ``bnkit/cli/commands/<name>.py`` (registered in :data:`bnkit.cli.main.COMMANDS`,
+whose one-line help ``bnkit --help`` shows), either
 
+* declarative: ``add_arguments(parser)`` adds the arguments to a parser that main creates with the module's
+  ``DESCRIPTION`` (default: the one-line help), and main sets ``func=run`` and ``render=render``; or
 * ``build_parser(subparsers) -> argparse.ArgumentParser``: calls ``subparsers.add_parser("<name>", ...)``, adds
   the arguments and ``set_defaults(func=handler)``, optionally ``render=render``; returns the parser.
-  (Alternatively ``add_arguments(parser)`` filling a parser that main creates.) ``--json`` and ``--debug`` are
-  added by main when the command does not define them.
-* ``handler(args) -> data``: does the work and returns plain data (dicts, lists, dataclasses, objects with
-  ``to_dict``); it may return :class:`bnkit.cli.output.Result` to choose the exit status. It raises
+
+``--json`` and ``--debug`` are added by main when the command does not define them. Then:
+
+* ``run(args) -> data`` (the handler): does the work and returns plain data (dicts, lists, dataclasses, objects
+  with ``to_dict``); it may return :class:`bnkit.cli.output.Result` to choose the exit status. It raises
   :class:`bnkit.cli.io.CliError` (or ValueError/TypeError) for anything the user should fix: main prints one
   line and exits 2.
 * ``render(data) -> list[Table | str]`` (optional): the human-readable form; ``--json`` prints ``data``.
 * ``main(argv=None) -> int``: runs just this command (``bnkit.cli.main.main([name, *argv])``); build it with
   :func:`command_main`.
 
-The helpers below hold what several commands share: registration (:func:`add_command`), the ``MODEL`` and
-``DATA`` arguments, ``--input-size`` and the example batch made from it, and loading an eager model.
+The helpers below hold what several commands share: the ``MODEL`` and ``DATA`` arguments, ``--input-size`` and
+the example batch made from it, and loading an eager model.
 
 Which model forms each command accepts (``package.module:factory [--weights]``, a pickled module, TorchScript):
 every command takes factories and pickled modules; TorchScript files only ``summary``.
@@ -33,7 +37,6 @@ from bnkit.cli.io import CliError, LoadedModel, load_model, require_eager
 from bnkit.tools._common import input_device_dtype
 
 __all__ = [
-    "add_command",
     "add_data_arguments",
     "add_input_size",
     "add_model_arguments",
@@ -54,28 +57,6 @@ DATA_HELP = (
     "the data: a .pt/.pth tensor or (inputs, labels) pair, a .npy/.npz array, or package.module:factory "
     "returning an iterable of batches"
 )
-
-
-def add_command(
-    subparsers: Any,
-    name: str,
-    help_text: str,
-    description: str | None = None,
-    *,
-    run: Callable[[argparse.Namespace], Any],
-    render: Callable[[Any], list[Any]] | None = None,
-) -> argparse.ArgumentParser:
-    """Register sub-command ``name`` with its handler ``run`` and human-readable ``render``; returns its parser.
-
-    Example:
-        >>> sub = argparse.ArgumentParser().add_subparsers(dest="command")
-        >>> parser = add_command(sub, "hello", "say hello", run=lambda args: "hello")
-        >>> parser.parse_args([]).func(None)
-        'hello'
-    """
-    parser = subparsers.add_parser(name, help=help_text, description=description or help_text)
-    parser.set_defaults(func=run, render=render)
-    return parser
 
 
 def command_main(name: str) -> Callable[[Sequence[str] | None], int]:

@@ -6,7 +6,6 @@ import argparse
 from typing import Any
 
 from bnkit.cli.commands import (
-    add_command,
     add_input_size,
     add_model_arguments,
     command_main,
@@ -18,27 +17,21 @@ from bnkit.cli.commands._save import add_output_arguments, check_output, write_m
 from bnkit.cli.output import Table
 
 NAME = "convert"
-HELP = "convert BatchNorm layers: bnkit, torch, sync, group"
+DESCRIPTION = (
+    "Convert every BatchNorm layer: to bnkit.BatchNorm (exact), to plain torch BatchNorm (also "
+    "from SyncBatchNorm), to SyncBatchNorm, or to GroupNorm; write the model to OUT."
+)
 TARGETS = ("bnkit", "bnkit-sync", "torch", "sync", "group")
 
 
-def build_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``convert``.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``bnkit convert``.
 
     Example:
-        >>> from bnkit.cli.main import build_parser as main_parser
-        >>> main_parser("convert").parse_args(["convert", "m.pt", "--to", "torch", "-o", "t.pt"]).to
+        >>> parser = argparse.ArgumentParser(); add_arguments(parser)
+        >>> parser.parse_args(["m.pt", "--to", "torch", "-o", "t.pt"]).to
         'torch'
     """
-    parser = add_command(
-        subparsers,
-        NAME,
-        HELP,
-        "Convert every BatchNorm layer: to bnkit.BatchNorm (exact), to plain torch BatchNorm (also "
-        "from SyncBatchNorm), to SyncBatchNorm, or to GroupNorm; write the model to OUT.",
-        run=run,
-        render=render,
-    )
     add_model_arguments(parser)
     parser.add_argument("--to", required=True, choices=TARGETS, help="target form")
     add_output_arguments(parser, auto="module")
@@ -55,7 +48,6 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_false",
         help="--to torch: drop bnkit settings torch cannot express instead of refusing",
     )
-    return parser
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

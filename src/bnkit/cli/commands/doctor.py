@@ -7,7 +7,6 @@ from typing import Any
 
 from bnkit.cli.commands import (
     DATA_HELP,
-    add_command,
     add_input_size,
     add_model_arguments,
     command_main,
@@ -20,27 +19,21 @@ from bnkit.cli.io import CliError, load_data
 from bnkit.cli.output import Result, Table
 
 NAME = "doctor"
-HELP = "find BatchNorm mistakes (ported momentum, frozen-stats traps, ...)"
+DESCRIPTION = (
+    "Check every BatchNorm layer against the rules BN001-BN011 (bnkit.doctor). An example batch "
+    "(--data, or --input-size with --batch-size) enables the batch-size and call-count rules."
+)
 _LEVELS = {"never": -1, "error": 0, "warning": 1, "info": 2}
 
 
-def build_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``doctor``.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``bnkit doctor``.
 
     Example:
-        >>> from bnkit.cli.main import build_parser as main_parser
-        >>> main_parser("doctor").parse_args(["doctor", "m.pt", "--intent", "inference"]).intent
+        >>> parser = argparse.ArgumentParser(); add_arguments(parser)
+        >>> parser.parse_args(["m.pt", "--intent", "inference"]).intent
         'inference'
     """
-    parser = add_command(
-        subparsers,
-        NAME,
-        HELP,
-        "Check every BatchNorm layer against the rules BN001-BN011 (bnkit.doctor). An example batch "
-        "(--data, or --input-size with --batch-size) enables the batch-size and call-count rules.",
-        run=run,
-        render=render,
-    )
     add_model_arguments(parser)
     parser.add_argument(
         "--intent",
@@ -62,7 +55,6 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="never",
         help="exit with status 1 when a finding is at least this severe (default never)",
     )
-    return parser
 
 
 def run(args: argparse.Namespace) -> Result:

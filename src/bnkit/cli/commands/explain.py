@@ -5,24 +5,22 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bnkit.cli.commands import add_command, add_model_arguments, command_main, load_eager
+from bnkit.cli.commands import add_model_arguments, command_main, load_eager
 from bnkit.cli.output import Table
 
 NAME = "explain"
-HELP = "what every BatchNorm layer does in train() and eval(), and why"
+DESCRIPTION = "what every BatchNorm layer does in train() and eval(), and why. One row per norm layer."
 
 
-def build_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``explain``.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``bnkit explain``.
 
     Example:
-        >>> from bnkit.cli.main import build_parser as main_parser
-        >>> main_parser("explain").parse_args(["explain", "m.pt"]).model
+        >>> parser = argparse.ArgumentParser(); add_arguments(parser)
+        >>> parser.parse_args(["m.pt"]).model
         'm.pt'
     """
-    parser = add_command(subparsers, NAME, HELP, HELP + ". One row per norm layer.", run=run, render=render)
     add_model_arguments(parser)
-    return parser
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:

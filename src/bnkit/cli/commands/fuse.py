@@ -6,7 +6,6 @@ import argparse
 from typing import Any
 
 from bnkit.cli.commands import (
-    add_command,
     add_input_size,
     add_model_arguments,
     command_main,
@@ -19,26 +18,20 @@ from bnkit.cli.io import CliError
 from bnkit.cli.output import Table
 
 NAME = "fuse"
-HELP = "fold BatchNorm into neighbouring conv/linear layers for deployment"
+DESCRIPTION = (
+    "Fold BatchNorm layers into the conv/linear layers next to them (eval mode), check that the "
+    "fused model gives the same outputs, and write it to OUT. The input file is never changed."
+)
 
 
-def build_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``fuse``.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``bnkit fuse``.
 
     Example:
-        >>> from bnkit.cli.main import build_parser as main_parser
-        >>> main_parser("fuse").parse_args(["fuse", "m.pt", "-o", "f.pt"]).check
+        >>> parser = argparse.ArgumentParser(); add_arguments(parser)
+        >>> parser.parse_args(["m.pt", "-o", "f.pt"]).check
         True
     """
-    parser = add_command(
-        subparsers,
-        NAME,
-        HELP,
-        "Fold BatchNorm layers into the conv/linear layers next to them (eval mode), check that the "
-        "fused model gives the same outputs, and write it to OUT. The input file is never changed.",
-        run=run,
-        render=render,
-    )
     add_model_arguments(parser)
     add_output_arguments(parser, auto="module")
     add_input_size(
@@ -50,7 +43,6 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--atol", type=float, default=None, help="absolute tolerance of the check")
     parser.add_argument("--rtol", type=float, default=None, help="relative tolerance of the check")
-    return parser
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

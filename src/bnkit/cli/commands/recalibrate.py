@@ -7,34 +7,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bnkit.cli.commands import add_command, add_data_arguments, add_model_arguments, command_main, load_eager
+from bnkit.cli.commands import add_data_arguments, add_model_arguments, command_main, load_eager
 from bnkit.cli.commands._save import add_output_arguments, check_output, write_model
 from bnkit.cli.io import is_factory_spec, load_data
 from bnkit.cli.output import Table
 
 NAME = "recalibrate"
-HELP = "recompute running statistics from data (precise BN, AdaBN)"
+DESCRIPTION = (
+    "Recompute the running statistics of every BatchNorm layer from DATA (bnkit.recalibrate) "
+    "and write the model to OUT. On target-domain data this is AdaBN. The input file is never changed."
+)
 
 
-def build_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``recalibrate``.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``bnkit recalibrate``.
 
     Example:
-        >>> from bnkit.cli.main import build_parser as main_parser
-        >>> main_parser("recalibrate").parse_args(["recalibrate", "m.pt", "x.npy", "-o", "r.pt"]).method
+        >>> parser = argparse.ArgumentParser(); add_arguments(parser)
+        >>> parser.parse_args(["m.pt", "x.npy", "-o", "r.pt"]).method
         'precise'
     """
-    parser = add_command(
-        subparsers,
-        NAME,
-        HELP,
-        "Recompute the running statistics of every BatchNorm layer from DATA (bnkit.recalibrate) "
-        "and write the model to OUT. On target-domain data this is AdaBN. The input file is never changed.",
-        run=run,
-        render=render,
-    )
     add_model_arguments(parser)
-    add_data_arguments(parser)
     add_output_arguments(parser, auto="state_dict for a factory model (load it with --weights), module otherwise")
     parser.add_argument(
         "--method",
@@ -45,7 +38,7 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--sequential", action="store_true", help="recompute layer by layer (one pass over DATA per layer)"
     )
-    return parser
+    add_data_arguments(parser)  # DATA is the second positional, after MODEL
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,35 +5,28 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bnkit.cli.commands import add_command, add_data_arguments, add_model_arguments, command_main, load_eager
+from bnkit.cli.commands import add_data_arguments, add_model_arguments, command_main, load_eager
 from bnkit.cli.io import load_data
 from bnkit.cli.output import Table, progress
 
 NAME = "shift"
-HELP = "domain-shift score of data against the running statistics"
+DESCRIPTION = (
+    "Per BatchNorm layer, the symmetric KL divergence between its running statistics and the "
+    "statistics of its input on DATA (model in eval mode, unchanged), an overall score and a "
+    "recommendation: keep-frozen, recalibrate (AdaBN) or fine-tune-bn (see bnkit.inspection.shift)."
+)
 
 
-def build_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``shift``.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``bnkit shift``.
 
     Example:
-        >>> from bnkit.cli.main import build_parser as main_parser
-        >>> main_parser("shift").parse_args(["shift", "m.pt", "x.npy"]).batch_size
+        >>> parser = argparse.ArgumentParser(); add_arguments(parser)
+        >>> parser.parse_args(["m.pt", "x.npy"]).batch_size
         64
     """
-    parser = add_command(
-        subparsers,
-        NAME,
-        HELP,
-        "Per BatchNorm layer, the symmetric KL divergence between its running statistics and the "
-        "statistics of its input on DATA (model in eval mode, unchanged), an overall score and a "
-        "recommendation: keep-frozen, recalibrate (AdaBN) or fine-tune-bn (see bnkit.inspection.shift).",
-        run=run,
-        render=render,
-    )
     add_model_arguments(parser)
     add_data_arguments(parser)
-    return parser
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

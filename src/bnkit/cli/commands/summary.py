@@ -5,34 +5,28 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bnkit.cli.commands import add_command, add_input_size, add_model_arguments, command_main, parse_size
+from bnkit.cli.commands import add_input_size, add_model_arguments, command_main, parse_size
 from bnkit.cli.io import load_model
 from bnkit.cli.output import Table
 
 NAME = "summary"
-HELP = "parameter counts, Keras style and PyTorch style side by side"
+DESCRIPTION = (
+    "parameter counts, Keras style and PyTorch style side by side. Keras style"
+    " counts BatchNorm moving statistics and frozen parameters as "
+    "non-trainable, exactly as Keras's model.summary(); PyTorch style gives parameters and buffers."
+)
 
 
-def build_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``summary`` (the one command that also reads TorchScript files).
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``bnkit summary``.
 
     Example:
-        >>> from bnkit.cli.main import build_parser as main_parser
-        >>> main_parser("summary").parse_args(["summary", "m.pt", "--input-size", "1,64,64"]).input_size
+        >>> parser = argparse.ArgumentParser(); add_arguments(parser)
+        >>> parser.parse_args(["m.pt", "--input-size", "1,64,64"]).input_size
         '1,64,64'
     """
-    parser = add_command(
-        subparsers,
-        NAME,
-        HELP,
-        HELP + ". Keras style counts BatchNorm moving statistics and frozen parameters as "
-        "non-trainable, exactly as Keras's model.summary(); PyTorch style gives parameters and buffers.",
-        run=run,
-        render=render,
-    )
     add_model_arguments(parser)
     add_input_size(parser, "input shape without the batch dimension, e.g. 1,64,64: adds output shapes")
-    return parser
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
