@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import importlib.util
 import json
 import socket
@@ -148,6 +149,11 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> 
     if rank == 0:
         Path(out).write_text(json.dumps(result))
     dist.barrier()
+    # DDP holds the process group: release it before tearing the group down (gloo aborts otherwise).
+    ddp.clear()
+    variants.clear()
+    opts.clear()
+    gc.collect()
     dist.destroy_process_group()
 
 

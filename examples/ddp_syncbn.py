@@ -13,6 +13,7 @@ process, where the same layers behave exactly like plain BatchNorm.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -89,9 +90,11 @@ def main() -> None:
         same = all(torch.equal(g, stats) for g in gathered)
         if rank == 0:
             print(f"running statistics identical on all {len(gathered)} ranks: {same}", flush=True)
-        # Let every rank finish, and release DDP's hold on the group, before tearing the group down.
+        # Let every rank finish and free DDP (reference cycles keep it alive until collected) before tearing
+        # the group down: a gloo group destroyed under a live DDP reducer can abort the process at exit.
         dist.barrier()
         del model, net, optimizer
+        gc.collect()
         dist.destroy_process_group()
 
 
