@@ -54,8 +54,9 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     with torch.no_grad():
         model(torch.randn(32, 1, 8, 8) * 2 + 1)
     torch.save(model, tmp_path / "whole.pt")
-    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
-               tmp_path / "ckpt.pt")
+    torch.save(
+        {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ckpt.pt"
+    )
     torch.save(model.state_dict(), tmp_path / "state.pt")
     g = torch.Generator().manual_seed(0)
     x = torch.rand(50, 1, 8, 8, generator=g)

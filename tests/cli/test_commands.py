@@ -31,8 +31,12 @@ def test_every_command_module_follows_the_contract() -> None:
 
 
 def _required(name: str) -> list[str]:
-    return {"shift": ["x.npy"], "recalibrate": ["x.npy", "-o", "o.pt"], "fuse": ["-o", "o.pt"],
-            "convert": ["--to", "bnkit", "-o", "o.pt"]}.get(name, [])
+    return {
+        "shift": ["x.npy"],
+        "recalibrate": ["x.npy", "-o", "o.pt"],
+        "fuse": ["-o", "o.pt"],
+        "convert": ["--to", "bnkit", "-o", "o.pt"],
+    }.get(name, [])
 
 
 def test_explain_matches_library(workdir: Path) -> None:

@@ -81,7 +81,13 @@ def test_doctor_fail_on_exit_status(workdir: Path) -> None:
 
 def test_python_dash_m(workdir: Path) -> None:
     env = {**os.environ, "BNKIT_PLAIN": "1"}
-    done = subprocess.run([sys.executable, "-m", "bnkit", "explain", "whole.pt"], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "bnkit", "explain", "whole.pt"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "BatchNorm2d" in done.stdout and "batch stats, updates running" in done.stdout

@@ -51,14 +51,18 @@ class CalledOnce(CalledTwice):
 
 def _keras_eps_mix(quiet: bool) -> nn.Sequential:
     return _trained(
-        nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6), nn.BatchNorm1d(6),
+        nn.Linear(4, 6, bias=False),
+        nn.BatchNorm1d(6),
+        nn.BatchNorm1d(6),
         nn.BatchNorm1d(6, eps=1e-5 if quiet else 1e-3),
     )
 
 
 def _momentum_mix(quiet: bool) -> nn.Sequential:
     return _trained(
-        nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6), nn.BatchNorm1d(6),
+        nn.Linear(4, 6, bias=False),
+        nn.BatchNorm1d(6),
+        nn.BatchNorm1d(6),
         nn.BatchNorm1d(6, momentum=0.1 if quiet else 0.01),
     )
 

@@ -16,9 +16,15 @@ from bnkit.inspection import shift as shift_mod
 
 def _digits_net() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        nn.Conv2d(1, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
     )
 
 
@@ -138,7 +144,8 @@ def test_report_forms() -> None:
     data = json.loads(report.to_json())
     assert data["recommendation"] == report.recommendation == "fine-tune-bn"
     assert data["thresholds"] == {
-        "keep_frozen_below": shift_mod.KEEP_FROZEN_BELOW, "fine_tune_above": shift_mod.FINE_TUNE_ABOVE
+        "keep_frozen_below": shift_mod.KEEP_FROZEN_BELOW,
+        "fine_tune_above": shift_mod.FINE_TUNE_ABOVE,
     }
     assert "fine-tune-bn" in str(report) and str(report).startswith("layer")
 

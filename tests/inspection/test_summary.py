@@ -51,9 +51,7 @@ def test_acceptance_numbers() -> None:
     s = bnkit.summary(_acceptance_model(), input_size=(1, 64, 64))
     assert (s.total, s.trainable, s.non_trainable) == (13_108_758, 13_108_694, 64)
     assert (s.parameters, s.trainable_parameters, s.buffers) == (13_108_694, 13_108_694, 65)
-    assert [r.output_shape for r in s.rows] == [
-        [-1, 32, 64, 64], [-1, 32, 64, 64], [-1, 131072], [-1, 100], [-1, 10]
-    ]
+    assert [r.output_shape for r in s.rows] == [[-1, 32, 64, 64], [-1, 32, 64, 64], [-1, 131072], [-1, 100], [-1, 10]]
     text = str(s)
     assert "13,108,758" in text and "13,108,694" in text and "non-trainable 64" in text
 

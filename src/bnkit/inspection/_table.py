@@ -92,9 +92,7 @@ def text_table(
     numeric = [all(_is_number(row[i]) for row in rows) and bool(rows) for i in range(len(columns))]
 
     def line(values: Sequence[str]) -> str:
-        parts = [
-            value.rjust(widths[i]) if numeric[i] else value.ljust(widths[i]) for i, value in enumerate(values)
-        ]
+        parts = [value.rjust(widths[i]) if numeric[i] else value.ljust(widths[i]) for i, value in enumerate(values)]
         return "  ".join(parts).rstrip()
 
     out = []
@@ -135,6 +133,4 @@ def format_cell(value: object) -> str:
 def _wrap(text: str, width: int) -> str:
     if width <= 0 or all(len(line) <= width for line in text.split("\n")):
         return text
-    return "\n".join(
-        "\n".join(textwrap.wrap(line, width, break_on_hyphens=False)) or line for line in text.split("\n")
-    )
+    return "\n".join("\n".join(textwrap.wrap(line, width, break_on_hyphens=False)) or line for line in text.split("\n"))

@@ -563,8 +563,7 @@ def check_running_variance(ctx: Context) -> list[Finding]:
                     name,
                     f"{tiny} of {channels} channels have running variance below eps={eps:g}: those inputs "
                     "were (nearly) constant, and eval() multiplies their noise by up to 1/sqrt(eps)",
-                    "check for dead channels upstream; recalibrate with bnkit.recalibrate(model, data) or "
-                    "raise eps",
+                    "check for dead channels upstream; recalibrate with bnkit.recalibrate(model, data) or raise eps",
                 )
             )
     return findings

@@ -183,8 +183,7 @@ def _independent_reasons(module: nn.Module) -> list[str]:
     reasons = ["batch-independent: each sample is normalised with its own statistics in train() and eval()"]
     if isinstance(module, nn.modules.instancenorm._InstanceNorm) and has_running_stats(module):
         reasons = [
-            "InstanceNorm with track_running_stats=True: per-sample statistics in train(), "
-            "running statistics in eval()"
+            "InstanceNorm with track_running_stats=True: per-sample statistics in train(), running statistics in eval()"
         ]
     return reasons
 
@@ -226,8 +225,10 @@ def _reasons(module: nn.Module, row: LayerExplanation) -> list[str]:
         keras = getattr(module, "keras_momentum", None)
         momentum = getattr(module, "momentum", None)
         if keras is not None:
-            reasons.append(f"Keras momentum {float(keras):g} (weight of the old value; {1 - float(keras):g} "
-                           "in PyTorch's convention)")
+            reasons.append(
+                f"Keras momentum {float(keras):g} (weight of the old value; {1 - float(keras):g} "
+                "in PyTorch's convention)"
+            )
         elif momentum is None:
             reasons.append("momentum=None: running statistics are a cumulative average")
         elif float(momentum) == 0.0:
@@ -240,8 +241,9 @@ def _reasons(module: nn.Module, row: LayerExplanation) -> list[str]:
     if not count:
         reasons.append("affine=False: no gamma/beta")
     elif affine_frozen and len(frozen) == count:
-        reasons.append("freeze_affine is set: gamma/beta do not learn" if bnkit_layer
-                       else "gamma/beta frozen by bnkit.freeze")
+        reasons.append(
+            "freeze_affine is set: gamma/beta do not learn" if bnkit_layer else "gamma/beta frozen by bnkit.freeze"
+        )
     elif frozen:
         which = " and ".join(frozen)
         if row.train.updates_running_stats:
@@ -252,4 +254,3 @@ def _reasons(module: nn.Module, row: LayerExplanation) -> list[str]:
         else:
             reasons.append(f"requires_grad is False on {which}")
     return reasons
-

@@ -124,8 +124,15 @@ class Summary:
         return json.dumps(self.to_dict(), indent=indent)
 
     columns = (
-        "layer", "type", "output shape", "keras total", "trainable", "non-trainable", "parameters",
-        "trainable params", "buffers",
+        "layer",
+        "type",
+        "output shape",
+        "keras total",
+        "trainable",
+        "non-trainable",
+        "parameters",
+        "trainable params",
+        "buffers",
     )
 
     def table_rows(self) -> list[list[Any]]:
@@ -151,8 +158,15 @@ class Summary:
         ]
         rows.append(
             [
-                "total", "", "", self.total, self.trainable, self.non_trainable, self.parameters,
-                self.trainable_parameters, self.buffers,
+                "total",
+                "",
+                "",
+                self.total,
+                self.trainable,
+                self.non_trainable,
+                self.parameters,
+                self.trainable_parameters,
+                self.buffers,
             ]
         )
         return rows
@@ -246,9 +260,7 @@ def summary(model: nn.Module, input_size: Sequence[int] | Sequence[Sequence[int]
     return result
 
 
-def _output_shapes(
-    model: nn.Module, input_size: Sequence[int] | Sequence[Sequence[int]]
-) -> dict[str, list[int]]:
+def _output_shapes(model: nn.Module, input_size: Sequence[int] | Sequence[Sequence[int]]) -> dict[str, list[int]]:
     sizes = list(input_size)
     if not sizes:
         raise ValueError("input_size must not be empty: give the input shape without the batch dimension")
