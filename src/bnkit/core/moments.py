@@ -16,6 +16,7 @@ from torch import Tensor
 
 __all__ = [
     "Moments",
+    "batch_stats",
     "channel_moments",
     "ghost_moments",
     "merge_all",
@@ -85,6 +86,27 @@ def channel_moments(x: Tensor, dims: Sequence[int], mask: Tensor | None = None) 
     centred = (x - _expand(mean, x.ndim, dims)) * weights
     m2 = (centred * centred).sum(dim=dims)
     return Moments(count, mean, m2)
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` with channels on dim 1, without gradient; fast and stable.
+
+    ATen's ``batch_norm_update_stats`` is several times faster than ``var_mean`` over ``(0, 2, 3)`` on CPU but
+    loses digits when ``|mean| >> std``; shifting every channel by one of its own samples first (a value within
+    a few standard deviations of the mean) removes that, at the cost of one elementwise pass. ``x`` must hold at
+    least one value per channel.
+
+    Example:
+        >>> mean, var = batch_stats(torch.tensor([[1e4 + 1.0], [1e4 + 3.0]]))
+        >>> mean.tolist(), var.tolist()
+        ([10002.0], [1.0])
+    """
+    with torch.no_grad():
+        channels = x.shape[1]
+        shift = x[0].reshape(channels, -1)[:, 0]
+        view = (1, channels) + (1,) * (x.ndim - 2)
+        mean, var = torch.batch_norm_update_stats(x - shift.reshape(view), None, None, 0.0)
+        return mean + shift, var
 
 
 def ghost_moments(x: Tensor, axis: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:

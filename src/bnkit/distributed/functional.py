@@ -15,25 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bnkit.core.moments import Moments
+from bnkit.core.moments import Moments, batch_stats
 from bnkit.distributed import comm
 from bnkit.distributed.moments import exchange
 
 __all__ = ["sync_batch_norm"]
-
-
-def _local_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``x`` (channels on dim 1), fast and stable.
-
-    ATen's ``batch_norm_update_stats`` is several times faster than ``var_mean`` over (0, 2, 3) on CPU but
-    loses digits when ``|mean| >> std``; shifting by one sample per channel first (a value within a few
-    standard deviations of the mean) removes that, at the cost of one elementwise pass.
-    """
-    channels = x.shape[1]
-    shift = x[0].reshape(channels, -1)[:, 0].detach()
-    view = (1, channels) + (1,) * (x.ndim - 2)
-    mean, var = torch.batch_norm_update_stats(x - shift.reshape(view), None, None, 0.0)
-    return mean + shift, var
 
 
 class _SyncBatchNorm(torch.autograd.Function):
@@ -50,7 +36,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         channels = x.shape[1]
         n = x.numel() // channels if channels else 0
         if n > 0:
-            mean, var = _local_stats(x)
+            mean, var = batch_stats(x)
             count = torch.full((1,), float(n), dtype=x.dtype, device=x.device)
             local = torch.cat([count, mean, var * n])
         else:
@@ -153,7 +139,7 @@ def sync_batch_norm(
         y, count, mean, m2 = _SyncBatchNorm.apply(xc, weight, bias, eps, group, layer_name)
     else:
         n = xc.numel() // xc.shape[1] if xc.shape[1] else 0
-        mean, var = _local_stats(xc.detach()) if n else (xc.new_zeros(xc.shape[1]), xc.new_zeros(xc.shape[1]))
+        mean, var = batch_stats(xc.detach()) if n else (xc.new_zeros(xc.shape[1]), xc.new_zeros(xc.shape[1]))
         count = torch.tensor(float(n), dtype=xc.dtype, device=xc.device)
         m2 = var * n
         y = F.batch_norm(xc, None, None, weight, bias, True, 0.0, eps) if n else xc.clone()

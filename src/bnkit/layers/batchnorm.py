@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnkit.core.moments import Moments, channel_moments, ghost_moments, reduction_dims
+from bnkit.core.moments import Moments, batch_stats, channel_moments, ghost_moments, reduction_dims
 from bnkit.core.normalize import normalize, renorm_correction
 from bnkit.core.running import ema_update, keras_ema_update, momentum_factor, unbias
 from bnkit.layers.renorm import Renorm
@@ -515,6 +515,8 @@ class BatchNorm(nn.Module):
             return self._forward_ghost(xf, axis, update, mask, weight, bias).to(x.dtype)
         if self.sync and t and mask is None and self.renorm is None and self._sync_world() > 1:
             return self._forward_sync(xf, axis, update, weight, bias).to(x.dtype)
+        if mask is None and xf.numel() > 0 and not (self.sync and t and self._sync_world() > 1):
+            return self._forward_kernel(xf, axis, t, update, weight, bias).to(x.dtype)
         stats = channel_moments(xf, reduction_dims(x.ndim, axis), None if mask is None else mask.unsqueeze(axis))
         if self.sync and t and self._sync_world() > 1:
             stats = self._sync(stats, mask)
@@ -539,6 +541,32 @@ class BatchNorm(nn.Module):
         if update:
             self._update_running(mean.detach(), var.detach(), count)
         return y.to(x.dtype)
+
+    def _forward_kernel(
+        self, xf: Tensor, axis: int, t: bool, update: bool, weight: Tensor | None, bias: Tensor | None
+    ) -> Tensor:
+        """Batch statistics without mask or sync: statistics for the update (and renorm's r, d) computed apart,
+        without gradient; the output and its gradient from torch's fused training kernel."""
+        xc = xf if axis == 1 else xf.movedim(axis, 1)
+        mean, var = batch_stats(xc)
+        if not self._finite(mean, var):
+            update = False  # on_nonfinite="warn": skip the update, return the output as computed
+        count = float(xc.numel() // xc.shape[1])
+        if self.renorm is not None:
+            # (x_hat * r + d) * gamma + beta == x_hat * (r * gamma) + (d * gamma + beta), as Keras composes it;
+            # r and d carry no gradient, so the fused kernel's batch-statistics gradient stays exact.
+            rmin, rmax, dmax = self.renorm.bounds(int(self.num_batches_tracked))
+            r, d = renorm_correction(mean, var, self.renorm_mean, self.renorm_std, self.eps, rmin, rmax, dmax)
+            beta = bias
+            weight, bias = (r, d) if weight is None else (r * weight, d * weight)
+            if beta is not None:
+                bias = bias + beta
+        y = F.batch_norm(xc, None, None, weight, bias, True, 0.0, self.eps)
+        if update and self.renorm is not None:
+            self._update_renorm(mean, var, count)
+        elif update:
+            self._update_running(mean, var, count)
+        return y if axis == 1 else y.movedim(1, axis)
 
     def _finite(self, mean: Tensor, var: Tensor) -> bool:
         """True when the statistics are finite; otherwise raises or warns per ``on_nonfinite``."""
@@ -622,28 +650,34 @@ class BatchNorm(nn.Module):
         if bias is not None:
             eff_bias = eff_bias + bias
         y = normalize(xf, mean, var, eff_weight, eff_bias, self.eps, axis)
-        if not update:
-            return y
-        with torch.no_grad():
-            batch_std = torch.sqrt(var.detach() + self.eps)
-            stored = unbias(var.detach(), count) if self.unbiased_running_var else var.detach()
-            running_std = torch.sqrt(stored + self.eps)
-            rdt = self.renorm_mean.dtype
-            if renorm.keras_momentum is not None:
-                new_rmean = keras_ema_update(self.renorm_mean, mean.detach().to(rdt), renorm.keras_momentum)
-                new_rstd = keras_ema_update(self.renorm_std, batch_std.to(rdt), renorm.keras_momentum)
-            else:
-                new_rmean = ema_update(self.renorm_mean, mean.detach().to(rdt), renorm.momentum)
-                new_rstd = ema_update(self.renorm_std, batch_std.to(rdt), renorm.momentum)
-            self.num_batches_tracked.add_(1)
-            new_mean = self._ema(self.running_mean, mean.detach())
-            new_std = self._ema(self.running_std, running_std)
-            self.renorm_mean.copy_(new_rmean)
-            self.renorm_std.copy_(new_rstd)
-            self.running_mean.copy_(new_mean)
-            self.running_std.copy_(new_std)
-            self.running_var.copy_(torch.relu(new_std * new_std - self.eps))
+        if update:
+            self._update_renorm(mean.detach(), var.detach(), count)
         return y
+
+    @torch.no_grad()
+    def _update_renorm(self, mean: Tensor, var: Tensor, count: Tensor | float) -> None:
+        """Keras's renorm bookkeeping: renorm_mean/std with the renorm momentum, running mean/std with the
+        layer's, and ``running_var = relu(running_std**2 - eps)``."""
+        renorm = self.renorm
+        assert renorm is not None
+        batch_std = torch.sqrt(var + self.eps)
+        stored = unbias(var, count) if self.unbiased_running_var else var
+        running_std = torch.sqrt(stored + self.eps)
+        rdt = self.renorm_mean.dtype
+        if renorm.keras_momentum is not None:
+            new_rmean = keras_ema_update(self.renorm_mean, mean.to(rdt), renorm.keras_momentum)
+            new_rstd = keras_ema_update(self.renorm_std, batch_std.to(rdt), renorm.keras_momentum)
+        else:
+            new_rmean = ema_update(self.renorm_mean, mean.to(rdt), renorm.momentum)
+            new_rstd = ema_update(self.renorm_std, batch_std.to(rdt), renorm.momentum)
+        self.num_batches_tracked.add_(1)
+        new_mean = self._ema(self.running_mean, mean)
+        new_std = self._ema(self.running_std, running_std)
+        self.renorm_mean.copy_(new_rmean)
+        self.renorm_std.copy_(new_rstd)
+        self.running_mean.copy_(new_mean)
+        self.running_std.copy_(new_std)
+        self.running_var.copy_(torch.relu(new_std * new_std - self.eps))
 
     def _ema(self, running: Tensor, batch: Tensor) -> Tensor:
         batch = batch.to(running.dtype)
@@ -668,15 +702,11 @@ class BatchNorm(nn.Module):
     def _sync_world(self) -> int:
         if not self.sync:
             return 1
-        import torch.distributed as dist
+        from bnkit.distributed import get_world_size
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.process_group)
+        return get_world_size(self.process_group)
 
-    def _forward_sync(
-        self, xf: Tensor, axis: int, update: bool, weight: Tensor | None, bias: Tensor | None
-    ) -> Tensor:
+    def _forward_sync(self, xf: Tensor, axis: int, update: bool, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         """Synchronised training without mask or renorm: one fused autograd function, PyTorch's communication."""
         from bnkit.distributed import sync_batch_norm
 
@@ -846,4 +876,3 @@ class BatchNorm(nn.Module):
         if not center and layer.bias is not None:
             layer.register_parameter("bias", None)
         return layer
-
