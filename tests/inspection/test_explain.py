@@ -48,6 +48,13 @@ def _frozen_torch(**kwargs) -> nn.Module:
     return bn
 
 
+def _untracked_with_buffers() -> nn.Module:
+    # track_running_stats switched off after construction: the buffers stay, and torch still uses them in eval
+    bn = nn.BatchNorm2d(4)
+    bn.track_running_stats = False
+    return bn
+
+
 def _bnkit(**switches) -> nn.Module:
     bn = bnkit.BatchNorm(4)
     for key, value in switches.items():
@@ -59,6 +66,7 @@ CASES = {
     "torch default": lambda: nn.BatchNorm2d(4),
     "torch eval()": lambda: nn.BatchNorm2d(4).eval(),
     "torch no running stats": lambda: nn.BatchNorm2d(4, track_running_stats=False),
+    "torch untracked, buffers kept": _untracked_with_buffers,
     "torch requires_grad False": lambda: nn.BatchNorm2d(4).requires_grad_(False),
     "torch frozen by bnkit": lambda: _frozen_torch(),
     "torch stats frozen by bnkit": lambda: _frozen_torch(affine=False),

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bnkit.layers.find import is_batch_independent_norm
-from bnkit.tools._common import is_bnkit_batchnorm
+from bnkit.tools._common import has_running_buffers, is_bnkit_batchnorm
 from bnkit.tools.freeze import is_frozen_stats
 
 
@@ -109,7 +109,7 @@ def mode_in(module: nn.Module, training: bool) -> Mode:
     """What ``module`` does after ``model.train()`` (``training=True``) or ``model.eval()``.
 
     bnkit.BatchNorm answers through its own mode rule; torch BN layers follow PyTorch's rule (batch statistics
-    when training or without running statistics; updates when training with running statistics), unless
+    when training or without running buffers; updates when training with ``track_running_stats``), unless
     ``bnkit.freeze`` froze their statistics, which then survive ``model.train()``.
 
     Example:
@@ -129,10 +129,13 @@ def mode_in(module: nn.Module, training: bool) -> Mode:
             bool(module.updates_running_stats(training)),
             synced,
         )
+    # PyTorch's rule: training uses the batch and updates only while tracking; eval uses the running buffers
+    # whenever they exist, even with track_running_stats switched off after construction.
     stats_frozen, _ = frozen_by_bnkit(module)
-    tracked = has_running_stats(module)
-    use_batch = (training and not stats_frozen) or not tracked
-    return Mode("batch" if use_batch else "running", use_batch and tracked and training, synced and use_batch)
+    in_training = training and not stats_frozen
+    use_batch = in_training or not has_running_buffers(module)
+    updates = in_training and has_running_stats(module)
+    return Mode("batch" if use_batch else "running", updates, synced and use_batch)
 
 
 def channel_axis(module: nn.Module, ndim: int) -> int:

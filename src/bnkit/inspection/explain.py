@@ -194,7 +194,12 @@ def _reasons(module: nn.Module, row: LayerExplanation) -> list[str]:
     bnkit_layer = is_bnkit_batchnorm(module)
     tracked = has_running_stats(module)
 
-    if not tracked:
+    if not tracked and row.eval.normalize == "running":
+        reasons.append(
+            "track_running_stats=False but the running buffers exist: batch statistics in train() without "
+            "updating them, and PyTorch still normalises with them in eval()"
+        )
+    elif not tracked:
         reasons.append("track_running_stats=False: batch statistics in train() and eval(), none stored")
     elif stats_frozen:
         if bnkit_layer:
