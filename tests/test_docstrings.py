@@ -26,11 +26,7 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # Docstring examples known to fail, in files this test's owner does not own; each is reported to its owner.
 # Keys are doctest names ("module.qualname"); an entry is removed as soon as the example is fixed (the test
 # below fails on a stale entry, so the list cannot silently outlive the bug).
-KNOWN_FAILING_EXAMPLES: dict[str, str] = {
-    # core/divergence.py imports only `from torch import Tensor`, so the example's `torch.tensor` is undefined
-    # (NameError); fix: add `>>> import torch` to the example (or `import torch` at module level).
-    "bnkit.core.divergence.gaussian_symmetric_kl": "NameError: name 'torch' is not defined",
-}
+KNOWN_FAILING_EXAMPLES: dict[str, str] = {}
 
 
 def _module_names() -> list[str]:

@@ -16,6 +16,7 @@ def gaussian_symmetric_kl(
     is a good choice) is added to both variances so dead channels give finite values. Computed in float64.
 
     Example:
+        >>> import torch
         >>> float(gaussian_symmetric_kl(torch.tensor([0.0]), torch.tensor([1.0]),
         ...                             torch.tensor([1.0]), torch.tensor([1.0]), eps=0.0))
         1.0

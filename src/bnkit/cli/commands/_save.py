@@ -24,14 +24,24 @@ def add_output_arguments(parser: argparse.ArgumentParser, auto: str) -> None:
         >>> p.parse_args(["-o", "x.pt"]).format
         'auto'
     """
-    parser.add_argument("-o", "--output", required=True, metavar="OUT",
-                        help="file to write (atomically; never one of the input files)")
-    parser.add_argument("--format", choices=["auto", "module", "state_dict", "torchscript"], default="auto",
-                        help=FORMAT_HELP.format(auto=auto))
+    parser.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="file to write (atomically; never one of the input files)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=["auto", "module", "state_dict", "torchscript"],
+        default="auto",
+        help=FORMAT_HELP.format(auto=auto),
+    )
 
 
 def write_model(
-    model: nn.Module, loaded: LoadedModel, args: argparse.Namespace, *, auto: str, extra_inputs: list[Path],
+    model: nn.Module,
+    loaded: LoadedModel,
+    args: argparse.Namespace,
+    *,
+    auto: str,
+    extra_inputs: list[Path],
     example_inputs: Any = None,
 ) -> dict[str, str]:
     """Save ``model`` per ``--output``/``--format``; returns ``{"output": path, "format": fmt}``.
@@ -45,8 +55,9 @@ def write_model(
         'state_dict'
     """
     fmt = auto if args.format == "auto" else args.format
-    save_model(model, args.output, fmt=fmt, inputs=[*loaded.input_paths(), *extra_inputs],
-               example_inputs=example_inputs)
+    save_model(
+        model, args.output, fmt=fmt, inputs=[*loaded.input_paths(), *extra_inputs], example_inputs=example_inputs
+    )
     return {"output": str(args.output), "format": fmt}
 
 
