@@ -58,7 +58,7 @@ def main() -> None:
     rank = dist.get_rank() if distributed else 0
 
     torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts them)
-    model = bnkit.convert(make_model(), "bnkit-sync")  # every BatchNorm -> bnkit.BatchNorm(sync=True)
+    model = bnkit.convert(make_model(), "sync")  # every BatchNorm -> bnkit.BatchNorm(sync=True)
     if distributed:
         model = nn.parallel.DistributedDataParallel(model)
     data = make_data()

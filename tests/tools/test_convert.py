@@ -103,7 +103,7 @@ def test_syncbn_to_bn_on_cpu_without_process_group(mode: str) -> None:
     reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.2), nn.ReLU(), nn.BatchNorm2d(4))
     with torch.no_grad():
         reference(torch.randn(8, 3, 6, 6))
-    synced = convert(reference, "sync")
+    synced = convert(reference, "torch-sync")
     assert type(synced[1]) is nn.SyncBatchNorm and type(synced[3]) is nn.SyncBatchNorm
     assert_models_equal(reference, synced)
     back = convert(synced, "torch", dim=2)
@@ -146,12 +146,16 @@ def test_bnkit_settings_torch_cannot_express_are_refused_unless_not_strict() -> 
 
 def test_sync_and_bnkit_sync_targets() -> None:
     model = nn.Sequential(nn.BatchNorm2d(3), bnkit.BatchNorm(3, virtual_batch_size=2))
-    synced = convert(model, "sync")
-    assert type(synced[0]) is nn.SyncBatchNorm
-    assert type(synced[1]) is bnkit.BatchNorm and synced[1].sync and synced[1].virtual_batch_size == 2
+    torch_synced = convert(model, "torch-sync")
+    assert type(torch_synced[0]) is nn.SyncBatchNorm
+    assert type(torch_synced[1]) is bnkit.BatchNorm and torch_synced[1].sync
+    assert torch_synced[1].virtual_batch_size == 2
     assert not model[1].sync  # the input model is not changed
-    both = convert(model, "bnkit-sync")
-    assert all(type(m) is bnkit.BatchNorm and m.sync for m in both)
+    for target in ("sync", "bnkit-sync"):
+        both = convert(model, target)
+        assert all(type(m) is bnkit.BatchNorm and m.sync for m in both)
+        x = torch.randn(4, 3, 2, 2)  # without a process group a synchronised layer is the local layer
+        torch.testing.assert_close(both[0](x), model[0](x))
     plain = convert(both, "torch", dim=2, layers="0")
     assert type(plain[0]) is nn.BatchNorm2d  # sync is dropped without complaint by "torch"
 
@@ -167,7 +171,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return self.act(super().forward(x))
 
 
-@pytest.mark.parametrize("to", ["bnkit", "sync", "torch", "group"])
+@pytest.mark.parametrize("to", ["bnkit", "sync", "torch-sync", "torch", "group"])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_subclass_with_extra_behaviour_is_refused_and_model_untouched(to, inplace, snapshot, same) -> None:
     model = nn.Sequential(nn.BatchNorm2d(4), nn.Sequential(BatchNormAct2d(4)))
@@ -175,7 +179,7 @@ def test_subclass_with_extra_behaviour_is_refused_and_model_untouched(to, inplac
     with pytest.raises(ValueError, match=r"layer '1\.0' is a BatchNormAct2d, a subclass of BatchNorm2d"):
         convert(model, to, inplace=inplace, **({"dim": 2} if to == "torch" else {}))
     same(before, snapshot(model))
-    converted = convert(model, "sync", layers="0", inplace=inplace)
+    converted = convert(model, "torch-sync", layers="0", inplace=inplace)
     assert type(converted[1][0]) is BatchNormAct2d and type(converted[0]) is nn.SyncBatchNorm
 
 
@@ -233,8 +237,10 @@ def test_freeze_state_is_carried_across_conversions() -> None:
     back = convert(as_bnkit, "torch", dim=2)
     assert is_frozen_stats(back[0]) and is_frozen_affine(back[0])
     assert not is_frozen_stats(back[1]) and is_frozen_affine(back[1])
-    synced = convert(model, "sync")
+    synced = convert(model, "torch-sync")
     assert is_frozen_stats(synced[0]) and not is_frozen_stats(synced[1])
+    bnkit_synced = convert(model, "sync")
+    assert bnkit_synced[0].freeze_stats and not bnkit_synced[1].freeze_stats
     before = back[0].running_mean.clone()
     back.train()(torch.randn(4, 3, 2, 2))
     assert torch.equal(back[0].running_mean, before)
@@ -263,7 +269,7 @@ def test_foreign_hooks_are_reported() -> None:
 def test_bad_arguments(snapshot, same) -> None:
     model = nn.Sequential(nn.BatchNorm1d(3))
     before = snapshot(model)
-    with pytest.raises(ValueError, match="to must be one of bnkit, bnkit-sync, torch, sync, group"):
+    with pytest.raises(ValueError, match="to must be one of bnkit, sync, bnkit-sync, torch, torch-sync, group"):
         convert(model, "layernorm")
     with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module"):
         convert([model], "bnkit")
@@ -289,6 +295,7 @@ def test_original_model_is_never_mutated(snapshot, same) -> None:
         ("bnkit", {}),
         ("bnkit-sync", {}),
         ("sync", {}),
+        ("torch-sync", {}),
         ("group", {}),
         ("torch", {"example_inputs": inputs()}),
     ):

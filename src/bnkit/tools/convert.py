@@ -35,7 +35,7 @@ from bnkit.tools.freeze import _freeze_hooks, _set_stats, is_frozen_affine, is_f
 __all__ = ["TARGETS", "convert", "default_groups"]
 
 #: Accepted values of ``to``.
-TARGETS = ("bnkit", "bnkit-sync", "torch", "sync", "group")
+TARGETS = ("bnkit", "sync", "bnkit-sync", "torch", "torch-sync", "group")
 
 _TORCH_CLASSES: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _RANK_TO_DIM = {2: 1, 3: 1, 4: 2, 5: 3}
@@ -312,8 +312,9 @@ def convert(
     - ``"bnkit"``: ``torch.nn`` BatchNorm1d/2d/3d and SyncBatchNorm -> ``bnkit.BatchNorm`` (exact: same outputs
       and state in train and eval; SyncBatchNorm becomes ``sync=True`` with its process group). bnkit layers are
       left as they are.
-    - ``"bnkit-sync"``: every BatchNorm -> ``bnkit.BatchNorm(sync=True)`` (statistics merged exactly across
-      ``torch.distributed`` ranks in training).
+    - ``"sync"`` (alias ``"bnkit-sync"``): every BatchNorm -> ``bnkit.BatchNorm(sync=True)``: statistics merged
+      exactly across ``torch.distributed`` ranks in training, on CPU (gloo) and GPU; bnkit layers keep their
+      settings (Keras semantics, renorm) and gain ``sync=True``.
     - ``"torch"``: ``bnkit.BatchNorm`` and ``SyncBatchNorm`` -> ``torch.nn.BatchNorm1d/2d/3d`` (PyTorch has no
       SyncBN -> BN converter, pytorch#41081; works on CPU without a process group). The class follows the
       input rank (2-3 -> 1d, 4 -> 2d, 5 -> 3d), taken in this order: ``dim`` (an int for every layer, or a dict
@@ -323,8 +324,8 @@ def convert(
       settings torch cannot express (channel axis other than 1, biased running variance, Keras momentum
       formula, ghost batches, renorm, sync) are refused unless ``strict=False``, which keeps inference exact
       and lets training follow PyTorch's rules; synchronisation is always dropped (that is the point).
-    - ``"sync"``: ``torch.nn`` BatchNorm1d/2d/3d -> ``torch.nn.SyncBatchNorm``; bnkit layers stay bnkit with
-      ``sync=True`` (keeping ghost batches, renorm, Keras semantics).
+    - ``"torch-sync"``: ``torch.nn`` BatchNorm1d/2d/3d -> ``torch.nn.SyncBatchNorm`` (CUDA only in PyTorch);
+      bnkit layers stay bnkit with ``sync=True``.
     - ``"group"``: every BatchNorm -> ``torch.nn.GroupNorm(G, C, eps=eps)`` with ``G = groups`` (an int, or a
       callable ``C -> G``), by default :func:`default_groups` (the largest divisor of C that is <= 32).
       gamma and beta are copied unchanged into GroupNorm's per-channel weight and bias (with their
@@ -339,7 +340,7 @@ def convert(
 
     Args:
         model: any module; the model itself may be a BatchNorm.
-        to: one of ``"bnkit"``, ``"bnkit-sync"``, ``"torch"``, ``"sync"``, ``"group"``.
+        to: one of ``"bnkit"``, ``"sync"`` (= ``"bnkit-sync"``), ``"torch"``, ``"torch-sync"``, ``"group"``.
         inplace: convert inside ``model`` instead of a deep copy. A model that is itself a BatchNorm cannot be
             replaced in place; its conversion is returned.
         layers: which BatchNorm layers (None: all; glob, type, predicate or list of names).
@@ -347,7 +348,7 @@ def convert(
         example_inputs: ``"torch"``/``"group"``: inputs for one forward pass that records each layer's input
             rank.
         groups: ``"group"`` only: the number of groups, or a callable ``num_channels -> groups``.
-        process_group: ``"sync"``/``"bnkit-sync"``: the process group (default: the world).
+        process_group: ``"sync"``/``"bnkit-sync"``/``"torch-sync"``: the process group (default: the world).
         strict: ``"torch"`` only: refuse bnkit settings torch cannot express (default) or drop them.
 
     Returns:
@@ -391,11 +392,11 @@ def convert(
     # Build every replacement first, so an error leaves even an in-place model unchanged.
     replacements: dict[int, nn.Module] = {}
     for name, module in selected:
-        if to in ("bnkit", "bnkit-sync"):
-            new = _to_bnkit(name, module, to == "bnkit-sync", process_group)
+        if to in ("bnkit", "sync", "bnkit-sync"):
+            new = _to_bnkit(name, module, to != "bnkit", process_group)
         elif to == "torch":
             new = _to_torch(name, module, dims.get(id(module)), strict)
-        elif to == "sync":
+        elif to == "torch-sync":
             new = _to_sync(module, process_group)
         else:
             rank = {1: 3, 2: 4, 3: 5}.get(dims.get(id(module), 0))

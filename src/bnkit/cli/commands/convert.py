@@ -15,13 +15,14 @@ from bnkit.cli.commands import (
 )
 from bnkit.cli.commands._save import add_output_arguments, check_output, write_model
 from bnkit.cli.output import Table
+from bnkit.tools.convert import TARGETS
 
 NAME = "convert"
 DESCRIPTION = (
     "Convert every BatchNorm layer: to bnkit.BatchNorm (exact), to plain torch BatchNorm (also "
-    "from SyncBatchNorm), to SyncBatchNorm, or to GroupNorm; write the model to OUT."
+    "from SyncBatchNorm), to synchronised bnkit.BatchNorm (sync) or torch.nn.SyncBatchNorm (torch-sync), or to "
+    "GroupNorm; write the model to OUT."
 )
-TARGETS = ("bnkit", "bnkit-sync", "torch", "sync", "group")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
