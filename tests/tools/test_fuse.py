@@ -681,3 +681,14 @@ def test_fold_functions_keep_the_weight_dtype_and_check_shapes():
         fold_before_conv(w, None, torch.rand(6), torch.rand(6), groups=3)
     with pytest.raises(ValueError, match="must be 2-D"):
         fold_after_linear(w, None, torch.rand(4), torch.rand(4))
+
+
+def test_bn_frozen_by_bnkit_freeze_is_still_folded() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 6, 6))
+    bnkit.freeze(model)
+    fused, report = bnkit.fuse_with_report(model, torch.randn(2, 3, 6, 6))
+    assert [record.bn for record in report.folded] == ["1"], report
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(fused(x), model.eval()(x), rtol=1e-5, atol=1e-6)

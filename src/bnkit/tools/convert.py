@@ -30,7 +30,7 @@ from bnkit.tools._common import (
     replace_modules,
     select_batchnorms,
 )
-from bnkit.tools.freeze import _freeze_hooks, _set_stats, is_frozen_affine, is_frozen_stats
+from bnkit.tools.freeze import _set_stats, has_foreign_hooks, is_frozen_affine, is_frozen_stats
 
 __all__ = ["TARGETS", "convert", "default_groups"]
 
@@ -39,16 +39,6 @@ TARGETS = ("bnkit", "sync", "bnkit-sync", "torch", "torch-sync", "group")
 
 _TORCH_CLASSES: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _RANK_TO_DIM = {2: 1, 3: 1, 4: 2, 5: 3}
-_HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_hooks",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-    "_state_dict_pre_hooks",
-    "_state_dict_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
 
 
 def default_groups(num_channels: int) -> int:
@@ -91,15 +81,6 @@ def _check_convertible(name: str, module: nn.Module, to: str) -> None:
             f"own (e.g. a fused activation) that to={to!r} would drop; exclude it with layers=... or convert "
             "it yourself"
         )
-
-
-def _foreign_hooks(module: nn.Module) -> bool:
-    mine = {key for _, key in _freeze_hooks(module)}
-    for attr in _HOOK_DICTS:
-        hooks = getattr(module, attr, None) or {}
-        if any(key not in mine for key in hooks):
-            return True
-    return False
 
 
 def _factory(module: nn.Module) -> dict[str, Any]:
@@ -407,7 +388,9 @@ def convert(
     dropped = [
         name or "<model>"
         for name, module in selected
-        if id(module) in replacements and type(replacements[id(module)]) is not type(module) and _foreign_hooks(module)
+        if id(module) in replacements
+        and type(replacements[id(module)]) is not type(module)
+        and has_foreign_hooks(module)
     ]
     if dropped:
         warnings.warn(

@@ -37,6 +37,7 @@ from bnkit.tools._common import (
 __all__ = [
     "FreezeReport",
     "freeze",
+    "has_foreign_hooks",
     "is_frozen_affine",
     "is_frozen_stats",
     "unfreeze",
@@ -108,6 +109,38 @@ class _FrozenStatsPostHook:
         if self.pre.saved is not None:
             module.training = self.pre.saved
             self.pre.saved = None
+
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def has_foreign_hooks(module: nn.Module) -> bool:
+    """True when ``module`` carries hooks other than bnkit's own freeze hooks.
+
+    Tools that replace or remove a layer (convert, fuse) use it: foreign hooks would silently stop firing,
+    while the freeze hooks are bnkit's and are carried over (or are no-ops in eval).
+
+    Example:
+        >>> bn = nn.BatchNorm2d(3); _ = freeze(nn.Sequential(bn)); has_foreign_hooks(bn)
+        False
+        >>> _ = bn.register_forward_hook(lambda *args: None); has_foreign_hooks(bn)
+        True
+    """
+    mine = {key for _, key in _freeze_hooks(module)}
+    for attr in _HOOK_DICTS:
+        hooks = getattr(module, attr, None) or {}
+        if any(key not in mine for key in hooks):
+            return True
+    return False
 
 
 def _freeze_hooks(module: nn.Module) -> list[tuple[dict, int]]:

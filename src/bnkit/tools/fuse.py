@@ -51,6 +51,7 @@ from bnkit.core.fold import fold_after_conv, fold_after_linear, fold_before_conv
 from bnkit.core.normalize import scale_shift
 from bnkit.layers.find import is_batchnorm
 from bnkit.tools._common import first_line
+from bnkit.tools.freeze import has_foreign_hooks
 
 __all__ = ["FoldRecord", "FuseReport", "SkipRecord", "fuse", "fuse_with_report"]
 
@@ -454,12 +455,8 @@ def _standard_bn(module: nn.Module) -> bool:
 
 
 def _hooked(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or getattr(module, "_forward_hooks_with_kwargs", None)
-        or getattr(module, "_backward_hooks", None)
-    )
+    # bnkit.freeze's hooks only switch a BN to inference mode, which it already is in a fused (eval) model.
+    return has_foreign_hooks(module)
 
 
 def _bn_axis(bn: nn.Module, ndim: int | None) -> int | None:
