@@ -47,6 +47,7 @@ __all__ = [
     "CliError",
     "DataSource",
     "LoadedModel",
+    "call_factory",
     "check_output_path",
     "extract_state_dict",
     "is_factory_spec",
@@ -135,7 +136,16 @@ def _import_attr(spec: str, what: str) -> Any:
     return target
 
 
-def _call_factory(spec: str, what: str) -> Any:
+def call_factory(spec: str, what: str) -> Any:
+    """Import ``package.module:attr`` and call it (a module object is returned as it is).
+
+    Errors (missing module or attribute, not callable, the factory raising) become one-line ``CliError``s
+    naming ``what`` (``"model"``, ``"data"``).
+
+    Example:
+        >>> call_factory("collections:OrderedDict", "data")
+        OrderedDict()
+    """
     factory = _import_attr(spec, what)
     if isinstance(factory, nn.Module):
         return factory
@@ -176,7 +186,7 @@ def load_model(spec: str, weights: str | None = None) -> LoadedModel:
         'factory'
     """
     if is_factory_spec(spec):
-        model = _call_factory(spec, "model")
+        model = call_factory(spec, "model")
         if not isinstance(model, nn.Module):
             raise CliError(f"model factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
         loaded = LoadedModel(model, "factory", spec, None, None)
@@ -379,7 +389,7 @@ def load_data(spec: str, *, batch_size: int = 64) -> DataSource:
     if batch_size < 1:
         raise CliError(f"--batch-size must be a positive integer, got {batch_size}")
     if is_factory_spec(spec):
-        obj = _call_factory(spec, "data")
+        obj = call_factory(spec, "data")
         if isinstance(obj, torch.Tensor):
             return _split(_to_tensor(obj, spec), batch_size, spec)
         if not isinstance(obj, Iterable):

@@ -204,9 +204,9 @@ def load_labelled(spec: str) -> Any:
     from bnkit.study.data import Dataset
 
     if is_factory_spec(spec):
-        from bnkit.cli.io import _call_factory
+        from bnkit.cli.io import call_factory
 
-        x, y = _labelled_from_object(_call_factory(spec, "data"), spec)
+        x, y = _labelled_from_object(call_factory(spec, "data"), spec)
     else:
         path = Path(spec)
         if not path.is_file():
