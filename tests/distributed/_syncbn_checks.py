@@ -478,12 +478,21 @@ def _recal_model() -> nn.Module:
 
 @check
 def recalibrate_merges_shards_exactly(rank: int, world: int) -> None:
+    # Uneven shards with uneven batch sizes: rank r gets a slice split into batches of 2 + r.
+    _recalibrate_against_union(rank, world, [0, 9, 17, 23] if world == 3 else [0, 14, 23])
+
+
+@check
+def recalibrate_with_an_empty_shard(rank: int, world: int) -> None:
+    # The last rank gets no batch at all: it still takes part in every reduction and ends equal to the others.
+    _recalibrate_against_union(rank, world, [0, 12, 23, 23] if world == 3 else [0, 23, 23])
+
+
+def _recalibrate_against_union(rank: int, world: int, bounds: list[int]) -> None:
     import copy
 
     g = torch.Generator().manual_seed(11)
     data = torch.randn(23, 3, 7, 7, generator=g) * 2 + 1
-    # Uneven shards with uneven batch sizes: rank r gets a slice split into batches of 2 + r.
-    bounds = [0, 9, 17, 23] if world == 3 else [0, 14, 23]
     shards = [list(data[bounds[r] : bounds[r + 1]].split(2 + r)) for r in range(world)]
     mine = shards[rank]
     union = [batch for part in shards for batch in part]

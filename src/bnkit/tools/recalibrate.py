@@ -530,10 +530,16 @@ def _precise(
         captures.append(capture)
         session.handles.append(module.register_forward_pre_hook(capture.pre_hook))
 
-    batches = passes.first("recalibrate")
+    from bnkit.distributed import is_active
+
+    # Under torch.distributed a rank with an empty shard still takes part in every reduction (it contributes
+    # nothing) instead of raising alone and leaving the other ranks waiting.
+    batches = passes.run("recalibrate") if is_active() else passes.first("recalibrate")
     count_passes = 1
     # Every rank reduces every layer in the same order, even layers it never called (count 0).
     results = {id(c): _reduce(c.result()) for c in captures}
+    if batches == 0 and all(float(r.count) == 0 for r in results.values()):
+        raise ValueError("recalibrate: data yielded no batches on any rank; nothing was recalibrated")
     called = [c for c in captures if float(results[id(c)].count) > 0]
 
     if sequential and len(called) > 1:
