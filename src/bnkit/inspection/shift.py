@@ -209,7 +209,8 @@ def recommend(score: float) -> tuple[str, str]:
     if score >= KEEP_FROZEN_BELOW:
         return "recalibrate", (
             f"Score between {KEEP_FROZEN_BELOW:g} and {FINE_TUNE_ABOVE:g}: the running statistics no longer "
-            "match this data; recompute them on it (AdaBN): bnkit.recalibrate(model, data)."
+            "match this data; recompute them on it (AdaBN): bnkit.recalibrate(model, data), then check accuracy "
+            "on labelled target data; if it stays low, fine-tune all layers with BN in training mode."
         )
     return "keep-frozen", (
         f"Score < {KEEP_FROZEN_BELOW:g}: the data matches the running statistics; keep BN frozen (inference "
