@@ -574,3 +574,26 @@ def test_bad_arguments() -> None:
         Monitor(_model(), thresholds={"drfit": 1.0})
     with pytest.raises(TypeError, match="global_step must be an int"):
         Monitor(_model()).step(1.5)
+
+
+def test_write_errors_surface_in_the_training_thread(tmp_path: Path) -> None:
+    class FullDisk:
+        def write(self, text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    bn = nn.BatchNorm1d(2).train()
+    monitor = Monitor(bn, log_dir=tmp_path, tensorboard=False, warn=False).attach()
+    monitor._file = FullDisk()
+    bn(torch.randn(4, 2))
+    monitor.step()  # queued; the writer thread fails
+    bn(torch.randn(4, 2))
+    with pytest.raises(OSError, match="No space left"):
+        monitor.detach()
+    assert not monitor.attached
+    monitor.close()

@@ -23,10 +23,13 @@ layers are computed together and read back with one device sync per recorded ste
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Mapping
@@ -353,6 +356,10 @@ class Monitor:
         self._pending: list[_Pending] = []
         self._open: dict[int, _Pending] = {}
         self._handles: list[Any] = []
+        # JSONL and TensorBoard writing happens on a worker thread, off the training loop (see _submit).
+        self._queue: queue.Queue[tuple[Any, ...] | None] | None = None
+        self._worker: threading.Thread | None = None
+        self._write_error: BaseException | None = None
         self._file: Any = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -409,7 +416,10 @@ class Monitor:
             handle.remove()
         self._handles = []
         self._open.clear()
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            self._stop_worker()
 
     def close(self) -> None:
         """Detach, flush, close the JSONL file and the TensorBoard writer the monitor created.
@@ -469,7 +479,7 @@ class Monitor:
         self._advance(self.global_step + 1 if global_step is None else global_step)
 
     def _advance(self, new_step: int) -> None:
-        self.flush()
+        self._flush_for_step()
         self.global_step = new_step
         self._forwards_in_step = 0
         self._recording = new_step % self.every == 0
@@ -492,8 +502,12 @@ class Monitor:
             return
         pending = _Pending(layer)
         keys, tensors = [], []
-        for key in ("running_mean", "running_var", "weight", "bias"):
-            value = getattr(module, key, None)
+        # The registries first: nn.Module.__getattr__ costs more than the rest of this hook.
+        buffers, params = module._buffers, module._parameters
+        for key in _STATE_KEYS:
+            value = buffers.get(key) if key in buffers else params.get(key) if key in params else None
+            if value is None and key not in buffers and key not in params:
+                value = getattr(module, key, None)
             if isinstance(value, Tensor):
                 keys.append(key)
                 tensors.append(value.detach())
@@ -507,7 +521,7 @@ class Monitor:
                 else:
                     pending.state = torch.stack([t.to(torch.float64).flatten() for t in tensors])
                 pending.state_keys = tuple(keys)
-                nbt = getattr(module, "num_batches_tracked", None)
+                nbt = buffers.get("num_batches_tracked")
                 if "running_mean" in keys and isinstance(nbt, Tensor):
                     # A Python int costs nothing on CPU; elsewhere a copy avoids a device sync.
                     pending.nbt = int(nbt) if nbt.device.type == "cpu" else nbt.detach().clone()
@@ -544,7 +558,11 @@ class Monitor:
     # ------------------------------------------------------------------ summaries
 
     def flush(self) -> list[dict[str, Any]]:
-        """Summarise, write and check the records taken so far in the current step; returns them.
+        """Summarise and check the records taken so far in the current step, queue them for writing; returns them.
+
+        Files are written by a background thread, so training does not wait for JSON and TensorBoard
+        serialisation; :meth:`detach` and :meth:`close` (and the end of a ``with`` block) wait until everything
+        is on disk. A write error (disk full, ...) is raised as ``OSError`` at the next step or at detach.
 
         Example:
             >>> model = nn.BatchNorm1d(2).train()
@@ -590,8 +608,54 @@ class Monitor:
             self.last[record["layer"]] = record
         if self.keep_history:
             self.history.extend(records)
-        self._write(records, alerts, pending, means, variances, step, now)
+        self._submit((records, alerts, pending, means, variances, step, now))
         return records
+
+    def _flush_for_step(self) -> None:
+        self._raise_write_error()
+        self.flush()
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _submit(self, item: tuple[Any, ...]) -> None:
+        """Queue a step's records for the writer thread (started on first use)."""
+        if self._file is None and self._writer is None:
+            return
+        if self._worker is None:
+            self._queue = queue.Queue()
+            self._worker = threading.Thread(target=self._work, name="bnkit-monitor-writer", daemon=True)
+            self._worker.start()
+            atexit.register(self._stop_worker)
+        self._queue.put(item)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._write_error is None:
+                    self._write(*item)
+            except BaseException as exc:  # kept for the training thread, which raises it at its next step
+                self._write_error = exc
+            finally:
+                self._queue.task_done()
+
+    def _stop_worker(self) -> None:
+        """Wait until everything queued is written, end the writer thread, raise a write error if one happened."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            atexit.unregister(self._stop_worker)
+            self._queue.put(None)
+            worker.join()
+            self._queue = None
+        self._raise_write_error()
+
+    def _raise_write_error(self) -> None:
+        if self._write_error is not None:
+            error, self._write_error = self._write_error, None
+            where = self.log_dir if self.log_dir is not None else "the TensorBoard writer"
+            raise OSError(f"bnkit.Monitor: writing the log to {where} failed: {error}") from error
 
     def _check(self, layer: _Layer, record: dict[str, Any]) -> list[Alert]:
         t = self.thresholds
