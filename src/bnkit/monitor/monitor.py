@@ -18,7 +18,8 @@ non-strict export works while attached).
 
 Cost: statistics are taken with one fused reduction pass per layer (float32 sums, finished in float64, with an
 exact two-pass fallback when ``|mean| >> std`` would make the one-pass variance inaccurate), summaries of all
-layers are computed together and read back with one device sync per recorded step.
+layers are computed together and read back with one device sync per recorded step, and JSON/TensorBoard
+serialisation runs on a writer thread (``detach``/``close`` wait for it).
 """
 
 from __future__ import annotations
