@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,12 +31,22 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         "with hundreds of layers. The log is never changed; OUT is written atomically.",
     )
     parser.add_argument("log_dir", metavar="LOGDIR", help="the log_dir given to bnkit.Monitor, or its JSONL file")
-    parser.add_argument("-o", "--output", metavar="OUT", default="bn_monitor.png",
-                        help="PNG to write (default bn_monitor.png)")
-    parser.add_argument("--layers", metavar="GLOB", nargs="+", default=None,
-                        help="only layers whose qualified name matches one of these globs (e.g. 'layer4.*')")
-    parser.add_argument("--size", metavar="W,H", default="14,10",
-                        help="figure size in inches (default 14,10); the PNG is W*dpi by H*dpi pixels")
+    parser.add_argument(
+        "-o", "--output", metavar="OUT", default="bn_monitor.png", help="PNG to write (default bn_monitor.png)"
+    )
+    parser.add_argument(
+        "--layers",
+        metavar="GLOB",
+        nargs="+",
+        default=None,
+        help="only layers whose qualified name matches one of these globs (e.g. 'layer4.*')",
+    )
+    parser.add_argument(
+        "--size",
+        metavar="W,H",
+        default="14,10",
+        help="figure size in inches (default 14,10); the PNG is W*dpi by H*dpi pixels",
+    )
     parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (default 100)")
     parser.add_argument("--title", default=None, help="figure title (default: log name and counts)")
     parser.set_defaults(func=run, render=render)
@@ -68,17 +79,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     width, height = _parse_size(args.size)
     if args.dpi < 1 or args.dpi > 1000:
         raise CliError(f"--dpi must be between 1 and 1000, got {args.dpi}")
-    path = plot(args.log_dir, args.output, layers=args.layers, size=(width, height), dpi=args.dpi,
-                title=args.title)
+    path = plot(args.log_dir, args.output, layers=args.layers, size=(width, height), dpi=args.dpi, title=args.title)
     log = read_log(args.log_dir)
-    layers = {r["layer"] for r in log["stats"]}
+    stats = [
+        r for r in log["stats"] if args.layers is None or any(fnmatch.fnmatchcase(r["layer"], g) for g in args.layers)
+    ]
+    layers = {r["layer"] for r in stats}
     return {
         "output": str(path),
         "width": round(width * args.dpi),
         "height": round(height * args.dpi),
         "layers": len(layers),
-        "steps": len({r["step"] for r in log["stats"]}),
-        "alerts": len(log["alerts"]),
+        "steps": len({r["step"] for r in stats}),
+        "alerts": len([a for a in log["alerts"] if a.get("layer") in layers]),
     }
 
 
