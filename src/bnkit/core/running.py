@@ -2,7 +2,7 @@
 
 PyTorch's ``momentum`` is the weight of the NEW batch: ``r <- (1 - m) * r + m * x`` (default 0.1).
 Keras's ``momentum`` is the weight of the OLD value: ``r <- r * m + x * (1 - m)`` (default 0.99).
-Both are kept as written by their libraries so results match each to the last rounding step.
+Both are written as their libraries write them, so the update itself rounds exactly as theirs does.
 """
 
 from __future__ import annotations
