@@ -40,6 +40,15 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from exc
 
 
+def _subset_option(
+    parser: argparse.ArgumentParser, flag: str, metavar: str, what: str, names: str, choices: list[str] | None = None
+) -> None:
+    """An option naming some of a fixed set of things; left out, the study runs them all."""
+    parser.add_argument(
+        flag, nargs="+", default=None, metavar=metavar, choices=choices, help=f"{what} (default all: {names})"
+    )
+
+
 def build_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``study``.
 
@@ -72,28 +81,15 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="SEED",
         help="seeds to repeat everything with (default 0 1 2; at least 3 for a spread)",
     )
-    parser.add_argument(
-        "--domains",
-        nargs="+",
-        default=None,
-        metavar="DOMAIN",
-        choices=list(DOMAINS),
-        help=f"target domains (default all: {', '.join(DOMAINS)})",
-    )
-    parser.add_argument(
-        "--policies",
-        nargs="+",
-        default=None,
-        metavar="POLICY",
-        help=f"policies by name or number (default all: {policy_help})",
-    )
-    parser.add_argument(
+    _subset_option(parser, "--domains", "DOMAIN", "target domains", ", ".join(DOMAINS), list(DOMAINS))
+    _subset_option(parser, "--policies", "POLICY", "policies by name or number", policy_help)
+    _subset_option(
+        parser,
         "--norms",
-        nargs="+",
-        default=None,
-        metavar="NORM",
-        choices=list(BATCH_NORMS),
-        help=f"norms of the batch-size experiment (default all: {', '.join(BATCH_NORMS)})",
+        "NORM",
+        "norms of the batch-size experiment",
+        ", ".join(BATCH_NORMS),
+        list(BATCH_NORMS),
     )
     parser.add_argument(
         "--batch-sizes",
