@@ -17,35 +17,24 @@ import time
 import torch
 from torch import nn
 
+try:
+    from benchmarks.models import BasicBlock
+except ImportError:  # run as a script from inside benchmarks/
+    from models import BasicBlock
+
 import bnkit
 
 
-class Block(nn.Module):
-    """A basic residual block: conv-BN-ReLU-conv-BN plus the (projected) input."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + (x if self.down is None else self.down(x)))
-
-
 def make_model(width: int) -> nn.Module:
-    """A ResNet-style network for 32x32 inputs: stem, 4 stages of 2 blocks, pooling and a linear head."""
+    """A ResNet-style network for 32x32 inputs: stem, 4 stages of 2 basic blocks, pooling and a linear head."""
     layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
     cin = width
     for stage, mult in enumerate((1, 2, 4, 8)):
         cout = width * mult
-        layers += [Block(cin, cout, 1 if stage == 0 else 2), Block(cout, cout, 1)]
+        layers += [
+            BasicBlock(cin, cout, 1 if stage == 0 else 2, nn.BatchNorm2d),
+            BasicBlock(cout, cout, 1, nn.BatchNorm2d),
+        ]
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10)]
     return nn.Sequential(*layers)
