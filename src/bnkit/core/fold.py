@@ -35,7 +35,8 @@ __all__ = [
 ]
 
 
-def _check_vectors(scale: Tensor, shift: Tensor, channels: int, where: str) -> None:
+def _fold_dtype(weight: Tensor, scale: Tensor, shift: Tensor, channels: int, where: str) -> torch.dtype:
+    """Check ``scale``/``shift`` against the ``channels`` they multiply; the dtype the fold computes in."""
     if scale.ndim != 1 or shift.shape != scale.shape:
         raise ValueError(
             f"{where}: scale and shift must be 1-D vectors of the same length, "
@@ -43,10 +44,14 @@ def _check_vectors(scale: Tensor, shift: Tensor, channels: int, where: str) -> N
         )
     if scale.shape[0] != channels:
         raise ValueError(f"{where}: the layer has {channels} channels here but scale has {scale.shape[0]}")
-
-
-def _compute_dtype(weight: Tensor, scale: Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, scale.dtype)
+
+
+def _linear_fold_dtype(weight: Tensor, scale: Tensor, shift: Tensor, dim: int, where: str) -> torch.dtype:
+    """:func:`_fold_dtype` for a ``Linear`` weight whose dimension ``dim`` the BatchNorm's channels line up with."""
+    if weight.ndim != 2:
+        raise ValueError(f"{where}: weight must be 2-D, got shape {tuple(weight.shape)}")
+    return _fold_dtype(weight, scale, shift, weight.shape[dim], where)
 
 
 def _bias_after(bias: Tensor | None, scale: Tensor, shift: Tensor, dtype: torch.dtype) -> Tensor:
@@ -123,8 +128,7 @@ def fold_after_conv(
     """
     view, _, out_per_group = _grouped_view(weight, groups, transposed)
     out = groups * out_per_group
-    _check_vectors(scale, shift, out, "fold_after_conv")
-    dtype = _compute_dtype(weight, scale)
+    dtype = _fold_dtype(weight, scale, shift, out, "fold_after_conv")
     s = scale.to(dtype).reshape(groups, 1, out_per_group, 1)
     new_weight = _ungroup(view.to(dtype) * s, weight, transposed)
     return _result(new_weight, _bias_after(bias, scale, shift, dtype), weight, bias)
@@ -156,8 +160,7 @@ def fold_before_conv(
         ([2.0, 2.0, 2.0], [3.0, 3.0])
     """
     view, in_per_group, out_per_group = _grouped_view(weight, groups, transposed)
-    _check_vectors(scale, shift, groups * in_per_group, "fold_before_conv")
-    dtype = _compute_dtype(weight, scale)
+    dtype = _fold_dtype(weight, scale, shift, groups * in_per_group, "fold_before_conv")
     w = view.to(dtype)
     s = scale.to(dtype).reshape(groups, in_per_group, 1, 1)
     t = shift.to(dtype).reshape(groups, in_per_group, 1, 1)
@@ -189,10 +192,7 @@ def fold_after_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift:
         >>> w.tolist()
         [[1.0, 1.0, 1.0], [3.0, 3.0, 3.0]]
     """
-    if weight.ndim != 2:
-        raise ValueError(f"fold_after_linear: weight must be 2-D, got shape {tuple(weight.shape)}")
-    _check_vectors(scale, shift, weight.shape[0], "fold_after_linear")
-    dtype = _compute_dtype(weight, scale)
+    dtype = _linear_fold_dtype(weight, scale, shift, 0, "fold_after_linear")
     new_weight = weight.to(dtype) * scale.to(dtype)[:, None]
     return _result(new_weight, _bias_after(bias, scale, shift, dtype), weight, bias)
 
@@ -211,10 +211,7 @@ def fold_before_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift
         >>> w.tolist(), b.tolist()
         ([[2.0, 3.0]], [2.0])
     """
-    if weight.ndim != 2:
-        raise ValueError(f"fold_before_linear: weight must be 2-D, got shape {tuple(weight.shape)}")
-    _check_vectors(scale, shift, weight.shape[1], "fold_before_linear")
-    dtype = _compute_dtype(weight, scale)
+    dtype = _linear_fold_dtype(weight, scale, shift, 1, "fold_before_linear")
     w = weight.to(dtype)
     new_weight = w * scale.to(dtype)[None, :]
     return _result(new_weight, _bias_before(bias, w @ shift.to(dtype), dtype), weight, bias)
