@@ -47,6 +47,28 @@ def merge_gathered(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, 
     return total, mean, m2
 
 
+def _checked(moments: Moments, where: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(count, mean, m2)`` of ``moments``, once mean and m2 are known to have one shape (``where``: the caller)."""
+    count, mean, m2 = moments
+    if mean.shape != m2.shape:
+        raise ValueError(
+            f"{where}: mean and m2 must have the same shape; got {tuple(mean.shape)} and {tuple(m2.shape)}"
+        )
+    return count, mean, m2
+
+
+def _like_local(
+    total: Tensor, mu: Tensor, big_m2: Tensor, count: Tensor, mean: Tensor, m2: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The merged (float64) statistics in the shapes and dtypes of this rank's (an integer count in mean's)."""
+    dtype = mean.dtype
+    return (
+        total.to(count.dtype if count.is_floating_point() else dtype).reshape(count.shape),
+        mu.to(dtype).reshape(mean.shape),
+        big_m2.to(dtype).reshape(m2.shape),
+    )
+
+
 @torch.no_grad()
 def reduce_moments(moments: Moments, group: Any = None) -> Moments:
     """Merge this rank's :class:`Moments` with every other rank's (no gradient); every rank gets the same result.
@@ -75,11 +97,7 @@ def reduce_moments(moments: Moments, group: Any = None) -> Moments:
     """
     if not comm.is_active(group):
         return moments
-    count, mean, m2 = moments
-    if mean.shape != m2.shape:
-        raise ValueError(
-            f"reduce_moments: mean and m2 must have the same shape; got {tuple(mean.shape)} and {tuple(m2.shape)}"
-        )
+    count, mean, m2 = _checked(moments, "reduce_moments")
     what = "bnkit.distributed.reduce_moments"
     call = comm.next_call(group, what)
     dtype = mean.dtype
@@ -102,11 +120,7 @@ def reduce_moments(moments: Moments, group: Any = None) -> Moments:
     gathered = comm.all_gather(payload, group, what)
     k, c = count_flat.numel(), mean.numel()
     total, mu, big_m2 = merge_gathered(gathered[:, :k], gathered[:, k : k + c], gathered[:, k + c :])
-    return Moments(
-        total.to(count.dtype if count.is_floating_point() else dtype).reshape(count.shape),
-        mu.to(dtype).reshape(mean.shape),
-        big_m2.to(dtype).reshape(m2.shape),
-    )
+    return Moments(*_like_local(total, mu, big_m2, count, mean, m2))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -198,9 +212,9 @@ class SyncMoments(torch.autograd.Function):
         share = n_local / total.clamp_min(1.0)
         slope = 2.0 * n_local * (local64[1 : 1 + channels] - mu)
         ctx.save_for_backward(share, slope, (n_local > 0).to(dtype))
-        out_count = total.to(count.dtype if count.is_floating_point() else dtype).reshape(count.shape)
+        out_count, out_mean, out_m2 = _like_local(total, mu, big_m2, count, mean, m2)
         ctx.mark_non_differentiable(out_count)
-        return out_count, mu.to(dtype).reshape(mean.shape), big_m2.to(dtype).reshape(m2.shape)
+        return out_count, out_mean, out_m2
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -261,11 +275,7 @@ def sync_moments(local: Moments, *, group: Any = None, layer_name: str = "BatchN
     """
     if not comm.is_active(group):
         return local
-    count, mean, m2 = local
-    if mean.shape != m2.shape:
-        raise ValueError(
-            f"{layer_name}: mean and m2 must have the same shape; got {tuple(mean.shape)} and {tuple(m2.shape)}"
-        )
+    count, mean, m2 = _checked(local, layer_name)
     first = count.detach().reshape(-1)[:1]
     if count.numel() > 1 and not bool((count.detach() == first).all()):
         raise ValueError(
