@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -60,6 +61,23 @@ def folded(report: FuseReport) -> dict[str, tuple[str, str]]:
 
 def skipped(report: FuseReport) -> dict[str, str]:
     return {s.bn: s.reason for s in report.skipped}
+
+
+def assert_folds(
+    model: nn.Module, x: torch.Tensor, expected: dict[str, tuple[str, str]]
+) -> tuple[nn.Module, FuseReport]:
+    """Fuse on ``x``: exactly the ``expected`` folds (``{bn: (into, position)}``), and the output is unchanged."""
+    fused, report = fuse_with_report(model, x)
+    assert folded(report) == expected
+    assert_matches(fused, model, x)
+    return fused, report
+
+
+def assert_folds_nothing(model: nn.Module, x: torch.Tensor, bn: str, reason: str) -> None:
+    """Fuse on ``x``: nothing folds, ``bn`` is skipped for a reason containing ``reason``, the output is unchanged."""
+    fused, report = fuse_with_report(model, x)
+    assert report.folded == [] and reason in skipped(report)[bn]
+    assert_matches(fused, model, x)
 
 
 class Block(nn.Module):
@@ -153,9 +171,7 @@ def test_grouped_dilated_conv_transpose_is_exact_where_torch_fuse_is_not(dim: in
         nn.Sequential(conv_t(8, 12, 3, stride=2, padding=1, output_padding=1, dilation=2, groups=groups), bn(12))
     )
     x = torch.randn(2, 8, *([5] * dim))
-    fused, report = fuse_with_report(model, x)
-    assert folded(report) == {"1": ("0", "after")}
-    assert_matches(fused, model, x)
+    assert_folds(model, x, {"1": ("0", "after")})
 
     # torch's fuser scales weight dim 1 by the whole vector: right for groups=1 only (pytorch#180995); with
     # groups > 1 its weights have the wrong shape, so building or running the fused layer fails (torch 2.13).
@@ -189,19 +205,15 @@ def test_conv1d_and_conv3d_with_stride_dilation_groups(dim: int):
     bn = {1: nn.BatchNorm1d, 3: nn.BatchNorm3d}[dim]
     model = randomize(nn.Sequential(conv(4, 6, 3, stride=2, dilation=2, groups=2, padding=2), bn(6), nn.ReLU()))
     x = torch.randn(3, 4, *([9] * dim))
-    fused, report = fuse_with_report(model, x)
-    assert folded(report) == {"1": ("0", "after")}
-    assert_matches(fused, model, x)
+    assert_folds(model, x, {"1": ("0", "after")})
 
 
 def test_linear_without_bias_then_bn1d_without_affine():
     torch.manual_seed(1)
     model = randomize(nn.Sequential(nn.Linear(6, 4, bias=False), nn.BatchNorm1d(4, affine=False)))
     x = torch.randn(5, 6)
-    fused, report = fuse_with_report(model, x)
-    assert folded(report) == {"1": ("0", "after")}
+    fused, _ = assert_folds(model, x, {"1": ("0", "after")})
     assert fused[0].bias is not None and fused[0].bias.requires_grad
-    assert_matches(fused, model, x)
 
 
 def test_bn1d_after_linear_on_3d_input_is_not_folded():
@@ -209,20 +221,14 @@ def test_bn1d_after_linear_on_3d_input_is_not_folded():
     torch.manual_seed(2)
     model = randomize(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5)))
     x = torch.randn(2, 5, 4)
-    fused, report = fuse_with_report(model, x)
-    assert report.folded == []
-    assert "rank 3" in skipped(report)["1"]
-    assert_matches(fused, model, x)
+    assert_folds_nothing(model, x, "1", "rank 3")
 
 
 def test_bn_before_padded_conv_is_not_folded_because_borders_would_break():
     torch.manual_seed(3)
     model = randomize(nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1)))
     x = torch.randn(2, 4, 7, 7)
-    fused, report = fuse_with_report(model, x)
-    assert report.folded == []
-    assert "zero padding" in skipped(report)["0"]
-    assert_matches(fused, model, x)
+    assert_folds_nothing(model, x, "0", "zero padding")
 
     # The rule matters: folding anyway is right in the interior and wrong on the border.
     bn, conv = model[0].eval(), model[1]
@@ -255,17 +261,13 @@ def test_bn_before_conv_is_folded_where_exact(layer: nn.Module):
     torch.manual_seed(4)
     model = randomize(nn.Sequential(nn.BatchNorm2d(4), layer))
     x = torch.randn(2, 4, 9, 9)
-    fused, report = fuse_with_report(model, x)
-    assert folded(report) == {"0": ("1", "before")}
-    assert_matches(fused, model, x)
+    assert_folds(model, x, {"0": ("1", "before")})
 
 
 def test_bn_before_strided_conv_transpose_is_not_folded():
     model = randomize(nn.Sequential(nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 6, 3, stride=2)))
     x = torch.randn(2, 4, 5, 5)
-    fused, report = fuse_with_report(model, x)
-    assert report.folded == [] and "fewer taps" in skipped(report)["0"]
-    assert_matches(fused, model, x)
+    assert_folds_nothing(model, x, "0", "fewer taps")
 
 
 def test_bn_before_linear_is_folded_and_bnkit_channels_last_too():
@@ -274,15 +276,11 @@ def test_bn_before_linear_is_folded_and_bnkit_channels_last_too():
         nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 3), nn.Unflatten(1, (1, 3)), bnkit.BatchNorm(3, axis=-1))
     )
     x = torch.randn(4, 6)
-    fused, report = fuse_with_report(model, x)
-    assert folded(report) == {"0": ("1", "before")}
+    _, report = assert_folds(model, x, {"0": ("1", "before")})
     assert "3" in skipped(report)  # after Unflatten, not after the Linear
     model2 = randomize(nn.Sequential(bnkit.BatchNorm(6, axis=-1), nn.Linear(6, 3), bnkit.BatchNorm(3, axis=-1)))
     x2 = torch.randn(2, 7, 6)
-    fused2, report2 = fuse_with_report(model2, x2)
-    assert folded(report2) == {"2": ("1", "after"), "0": ("1", "before")}
-    assert_matches(fused, model, x)
-    assert_matches(fused2, model2, x2)
+    assert_folds(model2, x2, {"2": ("1", "after"), "0": ("1", "before")})
 
 
 class TwoBranches(nn.Module):
@@ -307,12 +305,10 @@ def test_bn_whose_producer_feeds_two_branches_is_folded_only_where_exact():
     torch.manual_seed(6)
     model = randomize(TwoBranches())
     x = torch.randn(2, 3, 8, 8)
-    fused, report = fuse_with_report(model, x)
-    assert folded(report) == {"bn2": ("conv2", "after")}
+    _, report = assert_folds(model, x, {"bn2": ("conv2", "after")})
     reasons = skipped(report)
     assert "conv's output also feeds 1 other consumer" in reasons["bn"]
     assert "`add` is not a Conv" in reasons["bn3"]
-    assert_matches(fused, model, x)
 
 
 class SharedInput(nn.Module):
@@ -330,9 +326,7 @@ class SharedInput(nn.Module):
 def test_bn_feeding_two_consumers_is_not_folded_before_either():
     model = randomize(SharedInput())
     x = torch.randn(2, 3, 4, 4)
-    fused, report = fuse_with_report(model, x)
-    assert report.folded == [] and "feeds 2 consumers" in skipped(report)["bn"]
-    assert_matches(fused, model, x)
+    assert_folds_nothing(model, x, "bn", "feeds 2 consumers")
 
 
 def test_chains_of_batchnorms_collapse_into_one_layer():
@@ -359,15 +353,12 @@ class Shared(nn.Module):
 def test_layer_called_twice_or_registered_twice_is_left_alone():
     model = randomize(Shared())
     x = torch.randn(2, 3, 4, 4)
-    fused, report = fuse_with_report(model, x)
-    assert report.folded == [] and "called 2 times" in skipped(report)["bn"]
-    assert_matches(fused, model, x)
+    assert_folds_nothing(model, x, "bn", "called 2 times")
 
     conv = nn.Conv2d(3, 3, 1)
     aliased = randomize(nn.Sequential(conv, nn.BatchNorm2d(3)))
     aliased.alias = conv  # the same conv under a second name
-    _, report2 = fuse_with_report(aliased, x)
-    assert report2.folded == [] and "several names" in skipped(report2)["1"]
+    assert_folds_nothing(aliased, x, "1", "several names")
 
 
 def test_syncbn_and_bnkit_batchnorm_fold_and_unfoldable_ones_are_reported():
@@ -395,22 +386,18 @@ def test_syncbn_and_bnkit_batchnorm_fold_and_unfoldable_ones_are_reported():
         )
     )
     x = torch.randn(2, 3, 12, 12)
-    fused, report = fuse_with_report(model, x)
-    assert folded(report) == {"1": ("0", "after"), "3": ("2", "after")}
+    fused, report = assert_folds(model, x, {"1": ("0", "after"), "3": ("2", "after")})
     reasons = skipped(report)
     assert "overrides forward" in reasons["5"]
     assert "batch statistics" in reasons["7"] and "batch statistics" in reasons["9"]
     assert "Flatten" in reasons["12"]
     assert isinstance(fused[5], BNAct)
-    assert_matches(fused, model, x)
 
 
 def test_bnkit_batchnorm_on_a_non_channel_axis_is_not_folded_into_a_conv():
     model = randomize(nn.Sequential(nn.Conv2d(3, 4, 1), bnkit.BatchNorm(4, axis=-1)))
     x = torch.randn(2, 3, 5, 4)
-    fused, report = fuse_with_report(model, x)
-    assert report.folded == [] and "not the channel axis 1" in skipped(report)["1"]
-    assert_matches(fused, model, x)
+    assert_folds_nothing(model, x, "1", "not the channel axis 1")
 
 
 class Untraceable(nn.Module):
@@ -432,16 +419,12 @@ class Untraceable(nn.Module):
 def test_untraceable_forward_still_fuses_its_traceable_parts():
     model = randomize(Untraceable())
     x = torch.randn(2, 3, 6, 6)
-    fused, report = fuse_with_report(model, x)
-    assert folded(report) == {"features.1": ("features.0", "after")}
+    _, report = assert_folds(model, x, {"features.1": ("features.0", "after")})
     assert "cannot trace" in skipped(report)["bn"]
     assert any("cannot trace" in note for note in report.notes)
-    assert_matches(fused, model, x)
 
     wrapped = randomize(nn.Sequential(Untraceable(), nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3)))
-    fused2, report2 = fuse_with_report(wrapped, x)
-    assert folded(report2) == {"2": ("1", "after"), "0.features.1": ("0.features.0", "after")}
-    assert_matches(fused2, wrapped, x)
+    assert_folds(wrapped, x, {"2": ("1", "after"), "0.features.1": ("0.features.0", "after")})
 
 
 def test_module_patterns_are_used_when_tracing_fails(monkeypatch: pytest.MonkeyPatch):
@@ -462,10 +445,8 @@ def test_module_patterns_are_used_when_tracing_fails(monkeypatch: pytest.MonkeyP
         )
     )
     x = torch.randn(2, 3, 6, 6)
-    fused, report = fuse_with_report(model, x)
-    assert folded(report) == {"1": ("0", "after"), "3": ("4", "before"), "5": ("4", "after")}
+    _, report = assert_folds(model, x, {"1": ("0", "after"), "3": ("4", "before"), "5": ("4", "after")})
     assert "zero padding" in skipped(report)["6"]
-    assert_matches(fused, model, x)
 
 
 def test_example_inputs_are_not_changed_by_an_in_place_first_layer():
@@ -630,6 +611,23 @@ def build_conv(c: dict, *, for_before: bool = False) -> tuple[nn.Module, torch.T
     return layer.double(), x
 
 
+def assert_conv_fold(
+    layer: nn.Module,
+    x: torch.Tensor,
+    c: dict,
+    fold: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    expected: torch.Tensor,
+) -> None:
+    """``fold`` gives ``layer`` weights whose float64 output on ``x`` is ``expected`` to 1e-10."""
+    with torch.no_grad():
+        w, b = fold(layer.weight, layer.bias, scale, shift, transposed=c["transposed"], groups=c["groups"])
+        layer.weight.copy_(w)
+        layer.bias = nn.Parameter(b)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
 @given(conv_configs)
 def test_fold_after_conv_matches_float64_reference(c: dict):
     layer, x = build_conv(c)
@@ -638,10 +636,7 @@ def test_fold_after_conv_matches_float64_reference(c: dict):
     shift = torch.randn(out_channels, dtype=torch.float64)
     with torch.no_grad():
         expected = layer(x) * channel_view(scale, c["dim"]) + channel_view(shift, c["dim"])
-        w, b = fold_after_conv(layer.weight, layer.bias, scale, shift, transposed=c["transposed"], groups=c["groups"])
-        layer.weight.copy_(w)
-        layer.bias = nn.Parameter(b)
-        torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    assert_conv_fold(layer, x, c, fold_after_conv, scale, shift, expected)
 
 
 @given(conv_configs)
@@ -651,10 +646,7 @@ def test_fold_before_conv_matches_float64_reference_where_exact(c: dict):
     shift = torch.randn(layer.in_channels, dtype=torch.float64)
     with torch.no_grad():
         expected = layer(x * channel_view(scale, c["dim"]) + channel_view(shift, c["dim"]))
-        w, b = fold_before_conv(layer.weight, layer.bias, scale, shift, transposed=c["transposed"], groups=c["groups"])
-        layer.weight.copy_(w)
-        layer.bias = nn.Parameter(b)
-        torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    assert_conv_fold(layer, x, c, fold_before_conv, scale, shift, expected)
 
 
 @given(st.integers(1, 5), st.integers(1, 5), st.booleans(), st.integers(0, 2**16))
