@@ -8,7 +8,7 @@ handful of collectives, and copied back only after every collective succeeded (n
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +44,19 @@ def _buckets(tensors: Sequence[Tensor]) -> dict[tuple[torch.dtype, torch.device]
     return buckets
 
 
+def _by_bucket_(tensors: Sequence[Tensor], collective: Callable[[list[Tensor]], Tensor]) -> None:
+    """Run ``collective`` (bucket -> its new values, flattened) on each (dtype, device) bucket, then copy back.
+
+    Every collective runs before any tensor is written, so a failing one leaves all of them unchanged.
+    """
+    results = [(bucket, collective(bucket)) for bucket in _buckets(tensors).values()]
+    for bucket, flat in results:
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
+            offset += t.numel()
+
+
 @torch.no_grad()
 def average_(
     tensors: Sequence[Tensor], group: Any = None, *, what: str = "average_", names: Sequence[str] | None = None
@@ -73,16 +86,12 @@ def average_(
             raise TypeError(f"{what}: can only average floating-point tensors, got {t.dtype}")
     _check_layout(tensors, group, what, names)
     world = comm.get_world_size(group)
-    results: list[tuple[list[Tensor], Tensor]] = []
-    for (_, _), bucket in _buckets(tensors).items():
+
+    def mean(bucket: list[Tensor]) -> Tensor:
         flat = torch.cat([t.reshape(-1).to(torch.float64) for t in bucket])
-        comm.all_reduce_sum(flat, group, what)
-        results.append((bucket, flat / world))
-    for bucket, flat in results:
-        offset = 0
-        for t in bucket:
-            t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
-            offset += t.numel()
+        return comm.all_reduce_sum(flat, group, what) / world
+
+    _by_bucket_(tensors, mean)
 
 
 @torch.no_grad()
@@ -117,13 +126,8 @@ def broadcast_(
     if not 0 <= src < world:
         raise ValueError(f"{what}: src must be a rank in 0..{world - 1}. Received: src={src}")
     _check_layout(tensors, group, what, names)
-    results: list[tuple[list[Tensor], Tensor]] = []
-    for (_, _), bucket in _buckets(tensors).items():
-        flat = torch.cat([t.reshape(-1) for t in bucket])
-        comm.broadcast(flat, src, group, what)
-        results.append((bucket, flat))
-    for bucket, flat in results:
-        offset = 0
-        for t in bucket:
-            t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
-            offset += t.numel()
+
+    def value_on_src(bucket: list[Tensor]) -> Tensor:
+        return comm.broadcast(torch.cat([t.reshape(-1) for t in bucket]), src, group, what)
+
+    _by_bucket_(tensors, value_on_src)
