@@ -390,8 +390,8 @@ class BatchNorm(nn.Module):
         use_batch = (t and not self.freeze_stats) or not self.track_running_stats
         update = use_batch and self.track_running_stats
         if use_batch:
-            self._check_values_per_channel(x, axis, mask)
-        if self._native_ok(x, use_batch, update, mask, t):
+            self._check_values_per_channel(x, axis, mask, t)
+        if self._native_ok(x, use_batch, mask, t):
             return self._forward_native(x, axis, use_batch)
         return self._forward_general(x, axis, t, use_batch, update, mask)
 
@@ -422,8 +422,8 @@ class BatchNorm(nn.Module):
                 )
         return axis
 
-    def _check_values_per_channel(self, x: Tensor, axis: int, mask: Tensor | None) -> None:
-        if self.sync and self._sync_world() > 1:
+    def _check_values_per_channel(self, x: Tensor, axis: int, mask: Tensor | None, t: bool) -> None:
+        if self.sync and t and self._sync_world() > 1:
             return  # the global batch decides; checked after the statistics are merged
         if self.virtual_batch_size is not None:
             per_channel = (x.numel() // x.shape[axis]) // max(1, x.shape[0]) * self.virtual_batch_size
@@ -441,7 +441,7 @@ class BatchNorm(nn.Module):
             "layer, or use GroupNorm"
         )
 
-    def _native_ok(self, x: Tensor, use_batch: bool, update: bool, mask: Tensor | None, t: bool) -> bool:
+    def _native_ok(self, x: Tensor, use_batch: bool, mask: Tensor | None, t: bool) -> bool:
         """True where ``F.batch_norm`` computes exactly what this layer means (the fast default path)."""
         if x.dtype not in _FAST_DTYPES:
             return False
@@ -450,7 +450,7 @@ class BatchNorm(nn.Module):
                 return False
         if not use_batch:
             return True
-        if x.numel() == 0 or (self.track_running_stats and not update):
+        if x.numel() == 0:
             return False
         if mask is not None or self.virtual_batch_size is not None or self.renorm is not None:
             return False
@@ -519,7 +519,7 @@ class BatchNorm(nn.Module):
             return self._forward_kernel(xf, axis, t, update, weight, bias).to(x.dtype)
         stats = channel_moments(xf, reduction_dims(x.ndim, axis), None if mask is None else mask.unsqueeze(axis))
         if self.sync and t and self._sync_world() > 1:
-            stats = self._sync(stats, mask)
+            stats = self._sync(stats)
         count = stats.count
         if mask is not None or (self.sync and t):
             n = float(count.max()) if count.ndim else float(count)
@@ -723,7 +723,7 @@ class BatchNorm(nn.Module):
             self._update_running(stats.mean, var, stats.count)
         return y
 
-    def _sync(self, stats: Moments, mask: Tensor | None) -> Moments:
+    def _sync(self, stats: Moments) -> Moments:
         from bnkit.distributed import sync_moments
 
         return sync_moments(stats, group=self.process_group, layer_name=self.label())
