@@ -549,7 +549,7 @@ class BatchNorm(nn.Module):
         without gradient; the output and its gradient from torch's fused training kernel."""
         xc = xf if axis == 1 else xf.movedim(axis, 1)
         mean, var = batch_stats(xc)
-        if not self._finite(mean, var):
+        if (update or t) and not self._finite(mean, var):
             update = False  # on_nonfinite="warn": skip the update, return the output as computed
         count = float(xc.numel() // xc.shape[1])
         if self.renorm is not None:
