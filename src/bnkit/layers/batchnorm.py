@@ -476,14 +476,16 @@ class BatchNorm(nn.Module):
             # Nothing to protect or update: exactly torch's call for a layer without running statistics.
             y = F.batch_norm(xc, None, None, weight, bias, True, 0.0, self.eps)
             return y if axis == 1 else y.movedim(1, axis)
-        saved = (self.running_mean.clone(), self.running_var.clone(), self.num_batches_tracked.clone())
+        # The kernel updates the buffers in place: keep one copy of both to undo a non-finite batch.
+        saved = torch.cat((self.running_mean, self.running_var))
         self.num_batches_tracked.add_(1)
-        factor = momentum_factor(self.momentum, int(self.num_batches_tracked))
+        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         y = F.batch_norm(xc, self.running_mean, self.running_var, weight, bias, True, factor, self.eps)
-        if not bool(torch.isfinite(self.running_mean).all() & torch.isfinite(self.running_var).all()):
-            self.running_mean.copy_(saved[0])
-            self.running_var.copy_(saved[1])
-            self.num_batches_tracked.copy_(saved[2])
+        # One reduction checks both buffers: a NaN or Inf in either makes the sum non-finite.
+        if not bool(torch.isfinite(self.running_mean + self.running_var).all()):
+            self.running_mean.copy_(saved[: self.num_features])
+            self.running_var.copy_(saved[self.num_features :])
+            self.num_batches_tracked.sub_(1)
             self._nonfinite()
         return y if axis == 1 else y.movedim(1, axis)
 
