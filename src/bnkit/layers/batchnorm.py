@@ -555,14 +555,8 @@ class BatchNorm(nn.Module):
             update = False  # on_nonfinite="warn": skip the update, return the output as computed
         count = float(xc.numel() // xc.shape[1])
         if self.renorm is not None:
-            # (x_hat * r + d) * gamma + beta == x_hat * (r * gamma) + (d * gamma + beta), as Keras composes it;
             # r and d carry no gradient, so the fused kernel's batch-statistics gradient stays exact.
-            rmin, rmax, dmax = self.renorm.bounds(int(self.num_batches_tracked))
-            r, d = renorm_correction(mean, var, self.renorm_mean, self.renorm_std, self.eps, rmin, rmax, dmax)
-            beta = bias
-            weight, bias = (r, d) if weight is None else (r * weight, d * weight)
-            if beta is not None:
-                bias = bias + beta
+            weight, bias = self._renorm_affine(mean, var, weight, bias)
         y = F.batch_norm(xc, None, None, weight, bias, True, 0.0, self.eps)
         if update and self.renorm is not None:
             self._update_renorm(mean, var, count)
@@ -638,23 +632,25 @@ class BatchNorm(nn.Module):
         bias: Tensor | None,
         update: bool,
     ) -> Tensor:
-        renorm = self.renorm
-        assert renorm is not None
-        rmin, rmax, dmax = renorm.bounds(int(self.num_batches_tracked))
-        r, d = renorm_correction(
-            mean.detach(), var.detach(), self.renorm_mean, self.renorm_std, self.eps, rmin, rmax, dmax
-        )
-        # (x_hat * r + d) * gamma + beta == x_hat * (r * gamma) + (d * gamma + beta), as Keras composes it.
-        if weight is not None:
-            eff_weight, eff_bias = r * weight, d * weight
-        else:
-            eff_weight, eff_bias = r, d
-        if bias is not None:
-            eff_bias = eff_bias + bias
+        eff_weight, eff_bias = self._renorm_affine(mean.detach(), var.detach(), weight, bias)
         y = normalize(xf, mean, var, eff_weight, eff_bias, self.eps, axis)
         if update:
             self._update_renorm(mean.detach(), var.detach(), count)
         return y
+
+    def _renorm_affine(
+        self, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Gamma and beta with renorm's (r, d) folded in at the current schedule step.
+
+        ``(x_hat * r + d) * gamma + beta == x_hat * (r * gamma) + (d * gamma + beta)``, as Keras composes it.
+        """
+        renorm = self.renorm
+        assert renorm is not None
+        rmin, rmax, dmax = renorm.bounds(int(self.num_batches_tracked))
+        r, d = renorm_correction(mean, var, self.renorm_mean, self.renorm_std, self.eps, rmin, rmax, dmax)
+        eff_weight, eff_bias = (r, d) if weight is None else (r * weight, d * weight)
+        return eff_weight, eff_bias if bias is None else eff_bias + bias
 
     @torch.no_grad()
     def _update_renorm(self, mean: Tensor, var: Tensor, count: Tensor | float) -> None:
