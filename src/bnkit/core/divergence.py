@@ -7,9 +7,7 @@ from torch import Tensor
 __all__ = ["gaussian_symmetric_kl"]
 
 
-def gaussian_symmetric_kl(
-    mean_p: Tensor, var_p: Tensor, mean_q: Tensor, var_q: Tensor, eps: float = 1e-5
-) -> Tensor:
+def gaussian_symmetric_kl(mean_p: Tensor, var_p: Tensor, mean_q: Tensor, var_q: Tensor, eps: float = 1e-5) -> Tensor:
     """Per-channel symmetric KL divergence ``KL(p||q) + KL(q||p)`` between 1-D Gaussians.
 
     Closed form: ``0.5 * ((vp - vq)^2 + (vp + vq) * (mp - mq)^2) / (vp * vq)``. ``eps`` (the layer's own eps

@@ -99,5 +99,3 @@ def renorm_correction(
         r = torch.clamp(sigma_b / sigma_r, min=rmin, max=rmax)
         d = torch.clamp((mean - renorm_mean) / sigma_r, min=-dmax, max=dmax)
     return r, d
-
-

@@ -2,7 +2,7 @@
 
 The common case of a synchronised layer (no mask, no renorm) as one autograd function, so that it costs what
 PyTorch's SyncBatchNorm costs: local statistics from ATen's fused kernel, one ``all_gather`` of
-``[count, mean, m2]`` (``world * (2C + 1)`` numbers) merged exactly in float64, normalisation by ATen's
+``[count, m2, mean]`` (``world * (2C + 1)`` numbers) merged exactly in float64, normalisation by ATen's
 inference kernel with the global statistics, and in backward one ``all_reduce`` of
 ``[sum(dy), sum(dy * (x - mean))]`` (``2C`` numbers), the reductions coming from ATen's fused backward kernel.
 """
@@ -32,29 +32,26 @@ class _SyncBatchNorm(torch.autograd.Function):
         eps: float,
         group: Any,
         layer_name: str,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         channels = x.shape[1]
         n = x.numel() // channels if channels else 0
         if n > 0:
             mean, var = batch_stats(x)
-            count = torch.full((1,), float(n), dtype=x.dtype, device=x.device)
-            local = torch.cat([count, mean, var * n])
+            local = torch.cat([var.new_full((1,), float(n)), var.mul_(n), mean])
         else:
-            local = torch.zeros(1 + 2 * channels, dtype=x.dtype, device=x.device)
-        total, mu64, m2_64, _ = exchange(local, group, layer_name, sanitise=False)
-        mu = mu64.to(x.dtype)
-        var = (m2_64 / total.clamp_min(1.0)).to(x.dtype)
+            local = x.new_zeros(1 + 2 * channels)
+        merged = exchange(local, group, layer_name)
+        mu = merged[1 + channels :].to(x.dtype)
+        var = (merged[1 : 1 + channels] / merged[:1].clamp_min(1.0)).to(x.dtype)
         y = F.batch_norm(x, mu, var, weight, bias, False, 0.0, eps) if n > 0 else x.clone()
         ctx.save_for_backward(x, weight, mu, var)
         ctx.eps = eps
-        ctx.total = float(total)
+        ctx.total = float(merged[0])
         ctx.group = group
         ctx.layer_name = layer_name
         ctx.has_bias = bias is not None
-        out_count = total.to(x.dtype)
-        out_m2 = m2_64.to(x.dtype)
-        ctx.mark_non_differentiable(out_count, mu, out_m2)
-        return y, out_count, mu, out_m2
+        ctx.mark_non_differentiable(merged)
+        return y, merged
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor, *unused: Any) -> tuple[Any, ...]:  # type: ignore[override]
@@ -62,33 +59,31 @@ class _SyncBatchNorm(torch.autograd.Function):
         channels = x.shape[1]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if x.numel() > 0:
-            # Inference-mode backward: dy * invstd * weight, sum(dy * (x - mean)) * invstd and sum(dy), fused.
-            grad_eval, grad_w_local, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            # Inference-mode backward, fused: dy * invstd * weight, invstd * sum(dy * (x - mean)) and sum(dy).
+            grad_eval, grad_w, sum_dy = torch.ops.aten.native_batch_norm_backward(
                 dy, x, weight, mu, var, None, None, False, ctx.eps, [need_x, True, True]
             )
-            invstd = torch.rsqrt(var + ctx.eps)
-            sum_dy_xmu = grad_w_local / invstd
         else:
             grad_eval = None
-            grad_w_local = sum_dy = sum_dy_xmu = torch.zeros(channels, dtype=x.dtype, device=x.device)
-            invstd = torch.rsqrt(var + ctx.eps)
-        grad_w = grad_w_local if weight is not None and need_w else None
-        grad_b = sum_dy.clone() if ctx.has_bias and need_b else None
+            grad_w = sum_dy = x.new_zeros(channels)
         grad_x = None
         if need_x:
-            # The loss of every rank depends on the global mean and variance: sum the two reductions.
-            combined = torch.cat([sum_dy, sum_dy_xmu])
+            # The loss of every rank depends on the global mean and variance: sum the two reductions (the
+            # concatenation is a copy, so grad_w and sum_dy stay this rank's own).
+            combined = torch.cat([sum_dy, grad_w])
             comm.all_reduce_sum(combined, ctx.group, f"{ctx.layer_name} (backward)")
+            invstd = torch.rsqrt(var + ctx.eps)
             scale = invstd if weight is None else invstd * weight
-            mean_dy = combined[:channels] / ctx.total
-            mean_dy_xmu = combined[channels:] / ctx.total
+            shift, slope = combined.view(2, channels).mul_(scale / ctx.total)
             if grad_eval is not None:
                 view = (1, channels) + (1,) * (x.ndim - 2)
-                shift = (mean_dy * scale).reshape(view)
-                slope = (invstd * invstd * mean_dy_xmu * scale).reshape(view)
-                grad_x = grad_eval.addcmul_(x - mu.reshape(view), slope, value=-1.0).sub_(shift)
+                slope.mul_(invstd)
+                grad_x = grad_eval.addcmul_(x - mu.reshape(view), slope.reshape(view), value=-1.0)
+                grad_x = grad_x.sub_(shift.reshape(view))
             else:
                 grad_x = torch.zeros_like(x)
+        grad_w = grad_w if weight is not None and need_w else None
+        grad_b = sum_dy if ctx.has_bias and need_b else None
         return grad_x, grad_w, grad_b, None, None, None
 
 
@@ -109,8 +104,8 @@ def sync_batch_norm(
     gradient is that of the sum of all ranks' losses, as in PyTorch's SyncBatchNorm. One ``all_gather``
     forward and one ``all_reduce`` backward (only when ``x`` needs a gradient), with the same payloads as
     PyTorch. ``x`` may be empty on some ranks. Running statistics are left to the caller: the returned
-    global :class:`Moments` (detached) are what they should be updated with. Every rank must call it for
-    the same layers in the same order (see :func:`bnkit.distributed.sync_moments`).
+    global :class:`Moments` (detached, in float64 as merged) are what they should be updated with. Every rank
+    must call it for the same layers in the same order (see :func:`bnkit.distributed.sync_moments`).
 
     Without an initialised process group, or with world size 1, it normalises with the local batch
     statistics and communicates nothing.
@@ -125,7 +120,7 @@ def sync_batch_norm(
         layer_name: Used in error messages and the cross-rank call check.
 
     Returns:
-        ``(y, global_moments)`` with ``y`` shaped like ``x``.
+        ``(y, global_moments)`` with ``y`` shaped like ``x`` and the moments in float64.
 
     Example:
         >>> x = torch.randn(8, 3, 4, 4)
@@ -135,13 +130,14 @@ def sync_batch_norm(
     """
     axis = axis % x.ndim
     xc = x if axis == 1 else x.movedim(axis, 1)
+    channels = xc.shape[1]
     if comm.is_active(group):
-        y, count, mean, m2 = _SyncBatchNorm.apply(xc, weight, bias, eps, group, layer_name)
+        y, merged = _SyncBatchNorm.apply(xc, weight, bias, eps, group, layer_name)
+        stats = Moments(merged[0], merged[1 + channels :], merged[1 : 1 + channels])
     else:
-        n = xc.numel() // xc.shape[1] if xc.shape[1] else 0
-        mean, var = batch_stats(xc.detach()) if n else (xc.new_zeros(xc.shape[1]), xc.new_zeros(xc.shape[1]))
-        count = torch.tensor(float(n), dtype=xc.dtype, device=xc.device)
-        m2 = var * n
+        n = xc.numel() // channels if channels else 0
+        mean, var = batch_stats(xc.detach()) if n else (xc.new_zeros(channels), xc.new_zeros(channels))
+        stats = Moments(torch.tensor(float(n), dtype=torch.float64), mean.double(), var.double() * n)
         y = F.batch_norm(xc, None, None, weight, bias, True, 0.0, eps) if n else xc.clone()
     y = y if axis == 1 else y.movedim(1, axis)
-    return y, Moments(count, mean, m2)
+    return y, stats

@@ -11,7 +11,6 @@ Ranks with an empty batch (count 0) contribute nothing but still take part in ev
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -123,58 +122,43 @@ def reduce_moments(moments: Moments, group: Any = None) -> Moments:
     return Moments(*_like_local(total, mu, big_m2, count, mean, m2))
 
 
-@functools.lru_cache(maxsize=4096)
-def _tag_signs(channels: int, tag: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Where the tag goes and how: (slot index, +-1 multipliers, expected sign bits) for ``tag`` (pre-masked).
+def exchange(local: Tensor, group: Any, layer_name: str) -> Tensor:
+    """One all_gather of this rank's ``[count, m2 (C), mean (C)]``; returns the global triple, same layout, float64.
 
-    The slots are the count and the m2 entries, all >= 0, so their sign bits are free to carry up to 16 bits.
-    """
-    slots = [0, *range(1 + channels, 1 + 2 * channels)][:16]
-    bits = [bool((tag >> i) & 1) for i in range(len(slots))]
-    index = torch.tensor(slots, device=device)
-    signs = torch.tensor([-1.0 if b else 1.0 for b in bits], dtype=dtype, device=device)
-    return index, signs, torch.tensor(bits, device=device)
-
-
-def _tag_bits(channels: int) -> int:
-    return min(1 + channels, 16)
-
-
-def exchange(
-    local: Tensor, group: Any, layer_name: str, *, sanitise: bool = True
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One all_gather of this rank's ``[count, mean (C), m2 (C)]``; returns the float64 global
-    ``(count, mean, m2)`` and this rank's sanitised triple in float64.
-
-    The sign bits of the count and m2 entries carry the (layer, call) tag, checked on arrival: ranks in
-    different layers of the same width raise :class:`SyncMismatchError` on every rank at once. Per-channel
-    vectors are small, so the cost here is the number of tensor operations, which is kept low.
+    ``local`` must be clean (an empty rank sends zeros, not the NaN moments of an empty batch) and is used as
+    the send buffer: its sign bits are overwritten. The sign bits of
+    the count and of the first m2 entries (never negative) carry a 16-bit tag of (layer, call number), checked
+    on arrival: ranks in different layers of the same width raise :class:`SyncMismatchError` on every rank at
+    once, at no extra bytes. Per-channel vectors are small, so the cost here is the number of tensor
+    operations, which is kept low: the tag is one ``copysign`` on a prefix and the merge is a few reductions.
     """
     channels = (local.numel() - 1) // 2
-    dtype = local.dtype
-    if sanitise:
-        # An empty batch has NaN moments; it must contribute nothing, and NaN * 0 is still NaN.
-        local = torch.where(local[:1] > 0, local, 0.0)
     call = comm.next_call(group, layer_name)
     tag = comm.tag_of(layer_name, call)
     if comm._OPTIONS["check_shapes"]:
-        _check_headers(group, layer_name, call, tag, channels, dtype, local.device)
-    index, signs, bits = _tag_signs(channels, tag & ((1 << _tag_bits(channels)) - 1), dtype, local.device)
-    payload = local.clone()
-    payload[index] = payload[index].abs() * signs
-    gathered = comm.all_gather(payload, group, layer_name)
-    received = torch.signbit(gathered[:, index])
-    if not torch.equal(received, bits.expand_as(received)):
-        bad = (received != bits).any(1).nonzero().flatten().tolist()
+        _check_headers(group, layer_name, call, tag, channels, local.dtype, local.device)
+    slots = min(1 + channels, 16)
+    signs = torch.tensor(
+        [-1.0 if (tag >> i) & 1 else 1.0 for i in range(slots)], dtype=local.dtype, device=local.device
+    )
+    local[:slots].copysign_(signs)
+    gathered = comm.all_gather(local, group, layer_name)
+    received = torch.signbit(gathered[:, :slots])
+    mine = received[comm.get_rank(group)]
+    if not torch.equal(received, mine.expand_as(received)):
+        bad = (received != mine).any(1).nonzero().flatten().tolist()
         raise comm.mismatch(layer_name, call, bad)
     g = gathered.double()
-    g[:, index] = g[:, index].abs()
-    n, means, m2s = g[:, :1], g[:, 1 : 1 + channels], g[:, 1 + channels :]
-    total = n.sum()
-    mu = (n * means).sum(0) / total.clamp_min(1.0)
+    g[:, : 1 + channels].abs_()
+    n, means = g[:, 0], g[:, 1 + channels :]
+    merged = g.new_empty(1 + 2 * channels)
+    torch.sum(g[:, : 1 + channels], 0, out=merged[: 1 + channels])
+    mu = merged[1 + channels :]
+    torch.mv(means.t(), n, out=mu)
+    mu.div_(merged[:1].clamp_min(1.0))
     delta = means - mu
-    big_m2 = m2s.sum(0) + (n * delta * delta).sum(0)
-    return total, mu, big_m2, local.double()
+    merged[1 : 1 + channels].addmv_(delta.mul_(delta).t(), n)
+    return merged
 
 
 class SyncMoments(torch.autograd.Function):
@@ -201,16 +185,20 @@ class SyncMoments(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         channels = mean.numel()
         dtype = mean.dtype
-        local = torch.cat([count.detach().reshape(1).to(dtype), mean.detach().reshape(-1), m2.detach().reshape(-1)])
-        total, mu, big_m2, local64 = exchange(local, group, layer_name)
-        n_local = local64[0]
+        local = torch.cat([count.detach().reshape(1).to(dtype), m2.detach().reshape(-1), mean.detach().reshape(-1)])
+        # An empty batch has NaN moments; it must contribute nothing, and NaN * 0 is still NaN.
+        local = torch.where(local[:1] > 0, local, 0.0)
+        merged = exchange(local.clone(), group, layer_name)
+        local = local.double()
+        total, big_m2, mu = merged[:1], merged[1 : 1 + channels], merged[1 + channels :]
+        n_local = local[0]
         ctx.group = group
         ctx.layer_name = layer_name
         ctx.shape = mean.shape
         ctx.channels = channels
         # d mean / d mean_r = n_r / N and d m2 / d mean_r = 2 n_r (mean_r - mean); both 0 on an empty rank.
         share = n_local / total.clamp_min(1.0)
-        slope = 2.0 * n_local * (local64[1 : 1 + channels] - mu)
+        slope = 2.0 * n_local * (local[1 + channels :] - mu)
         ctx.save_for_backward(share, slope, (n_local > 0).to(dtype))
         out_count, out_mean, out_m2 = _like_local(total, mu, big_m2, count, mean, m2)
         ctx.mark_non_differentiable(out_count)

@@ -389,11 +389,13 @@ class BatchNorm(nn.Module):
         t = self._resolve(training)
         use_batch = (t and not self.freeze_stats) or not self.track_running_stats
         update = use_batch and self.track_running_stats
-        if use_batch:
-            self._check_values_per_channel(x, axis, mask, t)
-        if self._native_ok(x, use_batch, mask, t):
+        # Synchronised statistics: training with batch statistics and more than one rank taking part.
+        synced = use_batch and t and self.sync and self._sync_world() > 1
+        if use_batch and not synced:
+            self._check_values_per_channel(x, axis, mask)
+        if not synced and self._native_ok(x, use_batch, mask):
             return self._forward_native(x, axis, use_batch)
-        return self._forward_general(x, axis, t, use_batch, update, mask)
+        return self._forward_general(x, axis, t, use_batch, update, mask, synced)
 
     def _check_input(self, x: Tensor, mask: Tensor | None) -> int:
         if not isinstance(x, Tensor):
@@ -422,9 +424,8 @@ class BatchNorm(nn.Module):
                 )
         return axis
 
-    def _check_values_per_channel(self, x: Tensor, axis: int, mask: Tensor | None, t: bool) -> None:
-        if self.sync and t and self._sync_world() > 1:
-            return  # the global batch decides; checked after the statistics are merged
+    def _check_values_per_channel(self, x: Tensor, axis: int, mask: Tensor | None) -> None:
+        # Not for synchronised layers: the global batch decides, checked after the statistics are merged.
         if self.virtual_batch_size is not None:
             per_channel = (x.numel() // x.shape[axis]) // max(1, x.shape[0]) * self.virtual_batch_size
         elif mask is not None:
@@ -441,7 +442,7 @@ class BatchNorm(nn.Module):
             "layer, or use GroupNorm"
         )
 
-    def _native_ok(self, x: Tensor, use_batch: bool, mask: Tensor | None, t: bool) -> bool:
+    def _native_ok(self, x: Tensor, use_batch: bool, mask: Tensor | None) -> bool:
         """True where ``F.batch_norm`` computes exactly what this layer means (the fast default path)."""
         if x.dtype not in _FAST_DTYPES:
             return False
@@ -454,9 +455,7 @@ class BatchNorm(nn.Module):
             return False
         if mask is not None or self.virtual_batch_size is not None or self.renorm is not None:
             return False
-        if self.keras_momentum is not None or not self.unbiased_running_var:
-            return False
-        return not (self.sync and t and self._sync_world() > 1)
+        return self.keras_momentum is None and self.unbiased_running_var
 
     def _affine(self) -> tuple[Tensor | None, Tensor | None]:
         if self._freeze_affine:
@@ -500,7 +499,7 @@ class BatchNorm(nn.Module):
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def _forward_general(
-        self, x: Tensor, axis: int, t: bool, use_batch: bool, update: bool, mask: Tensor | None
+        self, x: Tensor, axis: int, t: bool, use_batch: bool, update: bool, mask: Tensor | None, synced: bool
     ) -> Tensor:
         # float16/bfloat16 are normalised in float32, as Keras and PyTorch's kernels do.
         xf = x if x.dtype in _FAST_DTYPES else x.float()
@@ -515,15 +514,15 @@ class BatchNorm(nn.Module):
             return normalize(xf, mean, var, weight, bias, self.eps, axis).to(x.dtype)
         if self.virtual_batch_size is not None:
             return self._forward_ghost(xf, axis, update, mask, weight, bias).to(x.dtype)
-        if self.sync and t and mask is None and self.renorm is None and self._sync_world() > 1:
+        if synced and mask is None and self.renorm is None:
             return self._forward_sync(xf, axis, update, weight, bias).to(x.dtype)
-        if mask is None and xf.numel() > 0 and not (self.sync and t and self._sync_world() > 1):
+        if mask is None and xf.numel() > 0 and not synced:
             return self._forward_kernel(xf, axis, t, update, weight, bias).to(x.dtype)
         stats = channel_moments(xf, reduction_dims(x.ndim, axis), None if mask is None else mask.unsqueeze(axis))
-        if self.sync and t and self._sync_world() > 1:
+        if synced:
             stats = self._sync(stats)
         count = stats.count
-        if mask is not None or (self.sync and t):
+        if mask is not None or synced:
             n = float(count.max()) if count.ndim else float(count)
             if n == 1:
                 self._raise_single_value(tuple(x.shape))
@@ -566,7 +565,7 @@ class BatchNorm(nn.Module):
 
     def _finite(self, mean: Tensor, var: Tensor) -> bool:
         """True when the statistics are finite; otherwise raises or warns per ``on_nonfinite``."""
-        if bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+        if bool(torch.isfinite(torch.cat([mean, var])).all()):
             return True
         self._nonfinite()
         return False
@@ -681,9 +680,11 @@ class BatchNorm(nn.Module):
         batch = batch.to(running.dtype)
         if self.keras_momentum is not None:
             return keras_ema_update(running, batch, self.keras_momentum)
-        return ema_update(running, batch, momentum_factor(self.momentum, int(self.num_batches_tracked)))
+        # Reading num_batches_tracked is a device sync; only the cumulative average (momentum=None) needs it.
+        tracked = int(self.num_batches_tracked) if self.momentum is None else 0
+        return ema_update(running, batch, momentum_factor(self.momentum, tracked))
 
-    def _update_running(self, mean: Tensor, var_biased: Tensor, count: Tensor) -> None:
+    def _update_running(self, mean: Tensor, var_biased: Tensor, count: Tensor | float) -> None:
         var = unbias(var_biased, count) if self.unbiased_running_var else var_biased
         self._commit_running(mean, var)
 
@@ -716,9 +717,10 @@ class BatchNorm(nn.Module):
             self._raise_single_value(tuple(xf.shape))
         if n == 0:
             return y  # every rank's batch is empty: nothing to normalise with, buffers left alone
-        var = stats.m2 / stats.count
-        if self._finite(stats.mean, var) and update:
-            self._update_running(stats.mean, var, stats.count)
+        # m2 is finite exactly when the variance is (n >= 2). The merged moments are float64: the running
+        # variance is m2 / n or m2 / (n - 1) in one rounding.
+        if self._finite(stats.mean, stats.m2) and update:
+            self._commit_running(stats.mean, stats.m2 / (n - 1 if self.unbiased_running_var else n))
         return y
 
     def _sync(self, stats: Moments) -> Moments:

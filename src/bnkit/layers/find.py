@@ -53,9 +53,7 @@ def _matches(selector: LayerSelector, name: str, module: nn.Module) -> bool:
         return True
     if isinstance(selector, str):
         return fnmatch.fnmatchcase(name, selector)
-    if isinstance(selector, type) or (
-        isinstance(selector, tuple) and all(isinstance(s, type) for s in selector)
-    ):
+    if isinstance(selector, type) or (isinstance(selector, tuple) and all(isinstance(s, type) for s in selector)):
         return isinstance(module, selector)
     if callable(selector):
         return bool(selector(name, module))
