@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,12 +39,19 @@ def merge_gathered(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, 
     present = n > 0
     means = torch.where(present, means.double(), torch.zeros((), dtype=torch.float64, device=means.device))
     m2s = torch.where(present, m2s.double(), torch.zeros((), dtype=torch.float64, device=m2s.device))
+    return _chan_merge(n, means, m2s)
+
+
+def _chan_merge(n: Any, means: Any, m2s: Any) -> tuple[Any, Any, Any]:
+    """Chan's merge of clean float64 parts (rank on dim 0; empty parts all zero), in the inputs' array library.
+
+    Written with operators only, so that it runs on torch tensors and on NumPy arrays alike: NumPy's per-call
+    overhead is a fraction of torch's, which is what a merge of a few small vectors costs (see :func:`exchange`).
+    """
     total = n.sum(0)
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    mean = (n / safe * means).sum(0)
+    mean = (n * means).sum(0) / (total + (total == 0))  # an all-empty merge divides 0 by 1
     delta = means - mean
-    m2 = m2s.sum(0) + (n * delta * delta).sum(0)
-    return total, mean, m2
+    return total, mean, m2s.sum(0) + (n * delta * delta).sum(0)
 
 
 def _checked(moments: Moments, where: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -138,27 +146,25 @@ def exchange(local: Tensor, group: Any, layer_name: str) -> Tensor:
     if comm._OPTIONS["check_shapes"]:
         _check_headers(group, layer_name, call, tag, channels, local.dtype, local.device)
     slots = min(1 + channels, 16)
-    signs = torch.tensor(
-        [-1.0 if (tag >> i) & 1 else 1.0 for i in range(slots)], dtype=local.dtype, device=local.device
-    )
-    local[:slots].copysign_(signs)
+    bits = [-1.0 if (tag >> i) & 1 else 1.0 for i in range(slots)]
+    # NumPy for CPU float tensors: the tag and the merge handle a few tiny vectors, where torch's per-operation
+    # overhead would be most of the cost of a synchronised layer on CPU. Same code, either array library.
+    on_host = local.device.type == "cpu" and local.dtype in (torch.float32, torch.float64)
+    xp: Any = np if on_host else torch
+    sent = local.numpy() if on_host else local
+    signs = np.array(bits) if on_host else torch.tensor(bits, dtype=local.dtype, device=local.device)
+    xp.copysign(sent[:slots], signs, out=sent[:slots])
     gathered = comm.all_gather(local, group, layer_name)
-    received = torch.signbit(gathered[:, :slots])
+    g = gathered.numpy() if on_host else gathered
+    received = xp.signbit(g[:, :slots])
     mine = received[comm.get_rank(group)]
-    if not torch.equal(received, mine.expand_as(received)):
-        bad = (received != mine).any(1).nonzero().flatten().tolist()
+    if not bool((received == mine).all()):
+        bad = [r for r in range(received.shape[0]) if not bool((received[r] == mine).all())]
         raise comm.mismatch(layer_name, call, bad)
-    g = gathered.double()
-    g[:, : 1 + channels].abs_()
-    n, means = g[:, 0], g[:, 1 + channels :]
-    merged = g.new_empty(1 + 2 * channels)
-    torch.sum(g[:, : 1 + channels], 0, out=merged[: 1 + channels])
-    mu = merged[1 + channels :]
-    torch.mv(means.t(), n, out=mu)
-    mu.div_(merged[:1].clamp_min(1.0))
-    delta = means - mu
-    merged[1 : 1 + channels].addmv_(delta.mul_(delta).t(), n)
-    return merged
+    g = g.astype(np.float64) if on_host else g.double()
+    g[:, : 1 + channels] = abs(g[:, : 1 + channels])
+    total, mu, m2 = _chan_merge(g[:, :1], g[:, 1 + channels :], g[:, 1 : 1 + channels])
+    return torch.from_numpy(np.concatenate([total, m2, mu])) if on_host else torch.cat([total, m2, mu])
 
 
 class SyncMoments(torch.autograd.Function):
