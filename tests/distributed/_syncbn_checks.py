@@ -101,6 +101,30 @@ def reduce_moments_shape_mismatch_raises(rank: int, world: int) -> None:
 
 
 @check
+def exchange_numpy_and_torch_paths_agree(rank: int, world: int) -> None:
+    # CPU float32/float64 merges run in NumPy, other dtypes and devices in torch: one merge, two array
+    # libraries. float16 takes the torch path; its values here are exact in float16, so both must agree.
+    from bnkit.distributed.moments import exchange
+
+    g = torch.Generator().manual_seed(7 + rank)
+    channels = 5
+    count = torch.tensor([float([4, 0, 9][rank])])
+    m2 = torch.randint(0, 64, (channels,), generator=g).float() / 4 if rank != 1 else torch.zeros(channels)
+    mean = torch.randint(-64, 64, (channels,), generator=g).float() / 8 if rank != 1 else torch.zeros(channels)
+    local = torch.cat([count, m2, mean])
+    on_numpy = exchange(local.clone(), None, "exchange-check")
+    on_torch = exchange(local.clone().half(), None, "exchange-check-half")
+    assert on_numpy.dtype == on_torch.dtype == torch.float64
+    close(on_numpy, on_torch, "numpy vs torch merge", rtol=1e-12, atol=1e-12)
+    counts = torch.tensor([[4.0], [0.0], [9.0]])[:world]
+    parts = gather_all(local)
+    n, mu, big_m2 = bnkit.distributed.merge_gathered(
+        counts, torch.stack([q[1 + channels :] for q in parts]), torch.stack([q[1 : 1 + channels] for q in parts])
+    )
+    close(on_numpy, torch.cat([n, big_m2, mu]), "exchange vs merge_gathered", rtol=1e-12, atol=1e-12)
+
+
+@check
 def sync_moments_identity_on_single_rank_group(rank: int, world: int) -> None:
     # A group of one rank: nothing to synchronise, the local statistics come back unchanged.
     groups = [dist.new_group([r]) for r in range(world)]
