@@ -133,12 +133,12 @@ def reduce_moments(moments: Moments, group: Any = None) -> Moments:
 def exchange(local: Tensor, group: Any, layer_name: str) -> Tensor:
     """One all_gather of this rank's ``[count, m2 (C), mean (C)]``; returns the global triple, same layout, float64.
 
-    ``local`` must be clean (an empty rank sends zeros, not the NaN moments of an empty batch) and is used as
-    the send buffer: its sign bits are overwritten. The sign bits of
-    the count and of the first m2 entries (never negative) carry a 16-bit tag of (layer, call number), checked
-    on arrival: ranks in different layers of the same width raise :class:`SyncMismatchError` on every rank at
-    once, at no extra bytes. Per-channel vectors are small, so the cost here is the number of tensor
-    operations, which is kept low: the tag is one ``copysign`` on a prefix and the merge is a few reductions.
+    ``local`` must be clean (an empty rank sends zeros, not the NaN moments of an empty batch); it is the send
+    buffer, so its sign bits are overwritten. The sign bits of the count and of the first m2 entries (never
+    negative) carry a 16-bit tag of (layer, call number), checked on arrival: ranks in different layers of the
+    same width raise :class:`SyncMismatchError` on every rank at once, at no extra bytes. Per-channel vectors
+    are small, so the cost here is the number of array operations, which is kept low: the tag is one
+    ``copysign`` on a prefix and the merge a few reductions.
     """
     channels = (local.numel() - 1) // 2
     call = comm.next_call(group, layer_name)
@@ -170,7 +170,7 @@ def exchange(local: Tensor, group: Any, layer_name: str) -> Tensor:
 class SyncMoments(torch.autograd.Function):
     """Autograd function: global ``(count, mean, m2)`` from this rank's, one collective each way.
 
-    Forward: one ``all_gather`` of ``[count, mean, m2]`` (``world * (2C + 1)`` numbers, the same as PyTorch's
+    Forward: one ``all_gather`` of ``[count, m2, mean]`` (``world * (2C + 1)`` numbers, the same as PyTorch's
     SyncBatchNorm), exact merge. The sign bits of the count and of the m2 entries (all non-negative) carry a
     16-bit fingerprint of (layer name, call number), so ranks that are in different layers of the same width
     fail at once with :class:`SyncMismatchError` instead of mixing statistics, at no extra bytes.
