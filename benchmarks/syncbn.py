@@ -19,7 +19,7 @@ is ``benchmarks/torch_syncbn_cpu.py``: its autograd function ported line by line
 and payloads, the CUDA kernels replaced by the equivalent ATen CPU ops. Targets: bytes ratio <= 1, step-time
 ratio <= 1.0.
 
-Run: ``python benchmarks/syncbn.py`` (quick, about 30 s) or ``--full`` (wider model, more repeats).
+Run: ``python benchmarks/syncbn.py`` (about a minute) or ``--full`` (more rounds, about three minutes).
 """
 
 from __future__ import annotations
