@@ -137,7 +137,7 @@ def sync_batch_norm(
     else:
         n = xc.numel() // channels if channels else 0
         mean, var = batch_stats(xc.detach()) if n else (xc.new_zeros(channels), xc.new_zeros(channels))
-        stats = Moments(torch.tensor(float(n), dtype=torch.float64), mean.double(), var.double() * n)
+        stats = Moments(torch.tensor(float(n), dtype=torch.float64, device=xc.device), mean.double(), var.double() * n)
         y = F.batch_norm(xc, None, None, weight, bias, True, 0.0, eps) if n else xc.clone()
     y = y if axis == 1 else y.movedim(1, axis)
     return y, stats

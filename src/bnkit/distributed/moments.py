@@ -194,17 +194,17 @@ class SyncMoments(torch.autograd.Function):
         local = torch.cat([count.detach().reshape(1).to(dtype), m2.detach().reshape(-1), mean.detach().reshape(-1)])
         # An empty batch has NaN moments; it must contribute nothing, and NaN * 0 is still NaN.
         local = torch.where(local[:1] > 0, local, 0.0)
-        merged = exchange(local.clone(), group, layer_name)
-        local = local.double()
+        local64 = local.double()  # before exchange, which writes the tag into local's sign bits
+        merged = exchange(local, group, layer_name)
         total, big_m2, mu = merged[:1], merged[1 : 1 + channels], merged[1 + channels :]
-        n_local = local[0]
+        n_local = local64[0]
         ctx.group = group
         ctx.layer_name = layer_name
         ctx.shape = mean.shape
         ctx.channels = channels
         # d mean / d mean_r = n_r / N and d m2 / d mean_r = 2 n_r (mean_r - mean); both 0 on an empty rank.
         share = n_local / total.clamp_min(1.0)
-        slope = 2.0 * n_local * (local[1 + channels :] - mu)
+        slope = 2.0 * n_local * (local64[1 + channels :] - mu)
         ctx.save_for_backward(share, slope, (n_local > 0).to(dtype))
         out_count, out_mean, out_m2 = _like_local(total, mu, big_m2, count, mean, m2)
         ctx.mark_non_differentiable(out_count)
