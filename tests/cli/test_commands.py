@@ -40,7 +40,7 @@ def _required(name: str) -> list[str]:
 
 
 def test_explain_matches_library(workdir: Path) -> None:
-    _, data = _run("explain", "whole.pt")
+    _, data = _run("explain", "whole.pt", "--trust-pickle")
     assert data == bnkit.explain(torch.load("whole.pt", weights_only=False)).to_dicts()
 
 
@@ -64,7 +64,7 @@ def test_doctor_example_batch_and_fail_on(workdir: Path) -> None:
 
 
 def test_shift_matches_library(workdir: Path) -> None:
-    _, data = _run("shift", "whole.pt", "x.npy", "--batch-size", "16", "--num-batches", "2")
+    _, data = _run("shift", "whole.pt", "--trust-pickle", "x.npy", "--batch-size", "16", "--num-batches", "2")
     model = torch.load("whole.pt", weights_only=False)
     x = torch.from_numpy(__import__("numpy").load("x.npy")).float()
     expected = bnkit.shift(model, list(x.split(16))[:2])
@@ -80,27 +80,29 @@ def test_recalibrate_writes_state_dict_for_factories_and_modules_otherwise(workd
     with torch.no_grad():
         hidden = model[0](x)
     torch.testing.assert_close(state["1.running_mean"], hidden.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
-    _, data = _run("recalibrate", "whole.pt", "x.npy", "-o", "rec_module.pt", "--method", "ema")
+    _, data = _run("recalibrate", "whole.pt", "--trust-pickle", "x.npy", "-o", "rec_module.pt", "--method", "ema")
     assert data["format"] == "module"
     assert isinstance(torch.load("rec_module.pt", weights_only=False), torch.nn.Module)
 
 
 def test_fuse_writes_a_model_without_batchnorm(workdir: Path) -> None:
-    _, data = _run("fuse", "whole.pt", "-o", "fused.pt", "--input-size", "1,8,8")
+    _, data = _run("fuse", "whole.pt", "--trust-pickle", "-o", "fused.pt", "--input-size", "1,8,8")
     assert data["checked"] and [f["bn"] for f in data["folded"]] == ["1"]
     fused = torch.load("fused.pt", weights_only=False)
     original = torch.load("whole.pt", weights_only=False).eval()
     assert not bnkit.named_batchnorms(fused)
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
-    _, data = _run("fuse", "whole.pt", "-o", "fused.ts", "--input-size", "1,8,8", "--format", "torchscript")
+    _, data = _run(
+        "fuse", "whole.pt", "--trust-pickle", "-o", "fused.ts", "--input-size", "1,8,8", "--format", "torchscript"
+    )
     torch.testing.assert_close(torch.jit.load("fused.ts")(x), original(x), rtol=1e-5, atol=1e-5)
 
 
 def test_convert_round_trip(workdir: Path) -> None:
-    _, data = _run("convert", "whole.pt", "--to", "bnkit", "-o", "b.pt")
+    _, data = _run("convert", "whole.pt", "--trust-pickle", "--to", "bnkit", "-o", "b.pt")
     assert data["converted"] == [{"layer": "1", "from": "BatchNorm2d", "to": "BatchNorm"}]
-    _, data = _run("convert", "b.pt", "--to", "torch", "-o", "t.pt", "--input-size", "1,8,8")
+    _, data = _run("convert", "b.pt", "--trust-pickle", "--to", "torch", "-o", "t.pt", "--input-size", "1,8,8")
     back = torch.load("t.pt", weights_only=False)
     original = torch.load("whole.pt", weights_only=False)
     assert type(back[1]) is torch.nn.BatchNorm2d
@@ -113,10 +115,10 @@ def test_writers_refuse_their_input_before_working(workdir: Path, command: str) 
     before = Path("whole.pt").read_bytes()
     extra = {"recalibrate": ["x.npy"], "convert": ["--to", "bnkit"]}.get(command, [])
     with pytest.raises(CliError, match=r"refusing to overwrite the input file 'whole\.pt'"):
-        _run(command, "whole.pt", *extra, "-o", "whole.pt")
+        _run(command, "whole.pt", "--trust-pickle", *extra, "-o", "whole.pt")
     if command == "recalibrate":
         with pytest.raises(CliError, match=r"refusing to overwrite the input file 'x\.npy'"):
-            _run(command, "whole.pt", "x.npy", "-o", "x.npy")
+            _run(command, "whole.pt", "--trust-pickle", "x.npy", "-o", "x.npy")
     assert Path("whole.pt").read_bytes() == before
 
 
@@ -124,7 +126,7 @@ def test_main_exit_codes_and_one_line_errors(workdir: Path, capsys: pytest.Captu
     assert main(["explain", "missing.pt"]) == 2
     err = capsys.readouterr().err
     assert err == "bnkit explain: error: model file 'missing.pt' not found\n"
-    assert main(["shift", "whole.pt", "wrong.pt"]) == 2
+    assert main(["shift", "whole.pt", "wrong.pt", "--trust-pickle"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bnkit shift: error: the model failed on batch 0 (shape [10, 3, 8, 8])")
     assert err.count("\n") == 1

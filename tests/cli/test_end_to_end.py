@@ -38,7 +38,10 @@ def test_help_and_json_output(workdir: Path) -> None:
     [
         (["explain", "missing.pt"], "bnkit explain: error: model file 'missing.pt' not found"),
         (["doctor", "state.pt"], "bnkit doctor: error: 'state.pt' holds a state dict"),
-        (["shift", "whole.pt", "wrong.pt"], "bnkit shift: error: the model failed on batch 0 (shape [10, 3, 8, 8])"),
+        (
+            ["shift", "whole.pt", "wrong.pt", "--trust-pickle"],
+            "bnkit shift: error: the model failed on batch 0 (shape [10, 3, 8, 8])",
+        ),
         (["explain", "--no-such-option", "whole.pt"], "bnkit: error: unrecognized arguments: --no-such-option"),
     ],
 )
@@ -56,14 +59,14 @@ def test_debug_prints_the_traceback(workdir: Path) -> None:
 
 def test_writers_write_new_files_and_never_the_input(workdir: Path) -> None:
     before = (workdir / "whole.pt").read_bytes()
-    done = _bnkit("fuse", "whole.pt", "-o", "whole.pt", "--input-size", "1,8,8", cwd=workdir)
+    done = _bnkit("fuse", "whole.pt", "--trust-pickle", "-o", "whole.pt", "--input-size", "1,8,8", cwd=workdir)
     assert done.returncode == 2 and "refusing to overwrite the input file" in done.stderr
     assert (workdir / "whole.pt").read_bytes() == before
 
-    done = _bnkit("recalibrate", "whole.pt", "x.npy", "-o", "out/rec.pt", cwd=workdir)
+    done = _bnkit("recalibrate", "whole.pt", "--trust-pickle", "x.npy", "-o", "out/rec.pt", cwd=workdir)
     assert done.returncode == 2 and "output directory 'out' does not exist" in done.stderr
     (workdir / "out").mkdir()
-    done = _bnkit("recalibrate", "whole.pt", "x.npy", "-o", "out/rec.pt", cwd=workdir)
+    done = _bnkit("recalibrate", "whole.pt", "--trust-pickle", "x.npy", "-o", "out/rec.pt", cwd=workdir)
     assert done.returncode == 0, done.stderr
     assert "wrote out/rec.pt (module)" in done.stdout
     assert sorted(os.listdir(workdir / "out")) == ["rec.pt"]  # no temporary file left behind
@@ -82,7 +85,7 @@ def test_doctor_fail_on_exit_status(workdir: Path) -> None:
 def test_python_dash_m(workdir: Path) -> None:
     env = {**os.environ, "BNKIT_PLAIN": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "bnkit", "explain", "whole.pt"],
+        [sys.executable, "-m", "bnkit", "explain", "whole.pt", "--trust-pickle"],
         cwd=workdir,
         env=env,
         capture_output=True,

@@ -20,12 +20,12 @@ def _same_state(a: nn.Module, b: nn.Module) -> bool:
 
 
 def test_model_forms_load_the_same_weights(workdir: Path) -> None:
-    pickled = load_model("whole.pt")
+    pickled = load_model("whole.pt", trust_pickle=True)
     assert pickled.kind == "pickle" and pickled.input_paths() == [Path("whole.pt")]
     factory = load_model(f"{FACTORY_MODULE}:net", "ckpt.pt")  # nested under state_dict with DDP prefix
     assert factory.kind == "factory" and _same_state(factory.model, pickled.model)
     assert _same_state(load_model(f"{FACTORY_MODULE}:net", "state.pt").model, pickled.model)
-    assert _same_state(load_model(f"{FACTORY_MODULE}:net", "whole.pt").model, pickled.model)
+    assert _same_state(load_model(f"{FACTORY_MODULE}:net", "whole.pt", trust_pickle=True).model, pickled.model)
     scripted = load_model("scripted.pt")
     assert scripted.kind == "torchscript"
     with pytest.raises(CliError, match="needs an eager model"):
@@ -42,7 +42,7 @@ def test_model_forms_load_the_same_weights(workdir: Path) -> None:
         (f"{FACTORY_MODULE}:broken", None, "failed: RuntimeError: no GPU here"),
         (f"{FACTORY_MODULE}:batches", None, "returned a list, not a torch.nn.Module"),
         ("state.pt", None, "holds a state dict"),
-        ("x.npy", None, "cannot load model file 'x.npy'"),
+        ("x.npy", None, "cannot load model file 'x.npy': not a file written by torch.save"),
         (f"{FACTORY_MODULE}:net", "missing.pt", "weights file 'missing.pt' not found"),
         (f"{FACTORY_MODULE}:net", "xy.pt", "no state dict found"),
         ("scripted.pt", "state.pt", "TorchScript"),
@@ -88,7 +88,7 @@ def test_data_forms(workdir: Path, spec: str) -> None:
     ("spec", "message"),
     [
         ("nothing.npy", "data file 'nothing.npy' not found"),
-        ("whole.pt", "cannot load data file"),
+        ("whole.pt", "refusing to unpickle data file 'whole.pt'"),
         ("data.csv", "unknown data format"),
         (f"{FACTORY_MODULE}:NOT_CALLABLE", "is not callable"),
     ],

@@ -6,10 +6,12 @@ Models (``MODEL`` argument of every sub-command):
   directory is importable) and called without arguments; it must return an ``nn.Module``. With
   ``--weights CKPT`` a state dict is loaded into it, strictly: a plain state dict, or one nested under a common
   key (``state_dict``, ``model_state_dict``, ``model``, ``net``, ``network``, ``module``, ``ema``, ``weights``,
-  ``params``), or a whole pickled module; ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are
-  stripped when the model's own keys do not have them.
-* a whole module saved with ``torch.save(model, path)``: loaded with ``torch.load(weights_only=False)``, which
-  runs pickled code. **Only load files you trust.** The classes of the model must be importable.
+  ``params``), or a ``.safetensors`` file; ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes are
+  stripped when the model's own keys do not have them. Weights are read with ``torch.load(weights_only=True)``:
+  no code in the file runs. A checkpoint that holds other objects needs ``--trust-pickle``.
+* a whole module saved with ``torch.save(model, path)``: unpickling it can run code from the file, so it is
+  refused unless ``--trust-pickle`` is given (**only for files you trust**); the classes must be importable.
+  The refusal comes from torch's restricted unpickler, before any of the file's code runs.
 * a TorchScript file (``torch.jit.save``): accepted where the command only reads parameters (``summary``);
   commands that run or rewrite the model need an eager module and say so.
 
@@ -42,6 +44,14 @@ import torch
 from torch import nn
 
 from bnkit.tools._common import first_line
+from bnkit.tools.checkpoint import (
+    STATE_KEYS,
+    UntrustedFileError,
+    WeightsMismatchError,
+    extract_state_dict,
+    load_weights,
+    read_checkpoint,
+)
 
 __all__ = [
     "CliError",
@@ -59,7 +69,6 @@ __all__ = [
 ]
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "ema", "weights", "params")
 _DATA_KEYS = ("x", "inputs", "input", "data", "images")
 
 
@@ -174,12 +183,15 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
-def load_model(spec: str, weights: str | None = None) -> LoadedModel:
+def load_model(spec: str, weights: str | None = None, *, trust_pickle: bool = False) -> LoadedModel:
     """Load ``MODEL`` (factory, pickled module or TorchScript file) and apply ``--weights``.
+
+    No file's code runs unless ``trust_pickle`` is True (``--trust-pickle``): pickled modules and checkpoints
+    holding custom objects are refused with a one-line error that says so.
 
     Raises:
         CliError: missing file, unimportable factory, a file that holds no model (e.g. only a state dict),
-            weights that do not match the model.
+            weights that do not match the model, a pickle refused because ``trust_pickle`` is False.
 
     Example:
         >>> load_model("torch.nn:Identity").kind
@@ -199,7 +211,7 @@ def load_model(spec: str, weights: str | None = None) -> LoadedModel:
                 raise CliError(f"cannot load TorchScript model {spec!r}: {first_line(exc)}") from exc
             loaded = LoadedModel(model, "torchscript", spec, path, None)
         else:
-            obj = _torch_load(path, "model", weights_only=False)
+            obj = _read(path, "model", trust_pickle=trust_pickle)
             if isinstance(obj, nn.Module):
                 loaded = LoadedModel(obj, "pickle", spec, path, None)
             elif isinstance(obj, dict):
@@ -213,79 +225,37 @@ def load_model(spec: str, weights: str | None = None) -> LoadedModel:
         if loaded.kind == "torchscript":
             raise CliError("--weights cannot be applied to a TorchScript model")
         weights_path = _existing(weights, "weights")
-        _apply_weights(loaded.model, weights_path)
+        _apply_weights(loaded.model, weights_path, trust_pickle=trust_pickle)
         loaded.weights = weights_path
     return loaded
 
 
-def _torch_load(path: Path, what: str, *, weights_only: bool) -> Any:
+def _read(path: Path, what: str, *, trust_pickle: bool) -> Any:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=weights_only)
-    except Exception as exc:  # unpickling can fail in many ways (missing class, corrupt file, not a torch file)
-        hint = ""
-        if isinstance(exc, (AttributeError, ModuleNotFoundError)):
-            hint = " (a pickled module needs its class importable: run from the project directory)"
-        raise CliError(f"cannot load {what} file {str(path)!r}: {first_line(exc)}{hint}") from exc
+        return read_checkpoint(path, trust_pickle=trust_pickle)
+    except UntrustedFileError as exc:
+        detail = _without_path(exc, path).replace("trust_pickle=True (CLI: --trust-pickle)", "--trust-pickle")
+        raise CliError(f"refusing to unpickle {what} file {str(path)!r}: {detail}") from exc
+    except (ValueError, OSError) as exc:
+        raise CliError(f"cannot load {what} file {str(path)!r}: {_without_path(exc, path)}") from exc
 
 
-def extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
-    """The state dict inside a checkpoint object: a module, a flat dict of tensors, or nested under a common key.
-
-    Example:
-        >>> sorted(extract_state_dict({"epoch": 3, "state_dict": {"w": torch.ones(1)}}))
-        ['w']
-    """
-    if isinstance(obj, nn.Module):
-        return obj.state_dict()
-    if not isinstance(obj, dict) or not obj:
-        return None
-    if all(isinstance(k, str) for k in obj) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    for key in _STATE_KEYS:
-        if key in obj:
-            found = extract_state_dict(obj[key])
-            if found is not None:
-                return found
-    return None
+def _without_path(exc: BaseException, path: Path) -> str:
+    # the checkpoint errors name the file; the CLI names it once, in its own words
+    return re.sub(r"^.*?" + re.escape(repr(str(path))) + r":? ", "", first_line(exc), count=1)
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def _apply_weights(model: nn.Module, path: Path) -> None:
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception:
-        # checkpoints often pickle more than tensors (optimizer state, config objects): trusted files only
-        obj = _torch_load(path, "weights", weights_only=False)
-    state = extract_state_dict(obj)
+def _apply_weights(model: nn.Module, path: Path, *, trust_pickle: bool) -> None:
+    state = extract_state_dict(_read(path, "weights", trust_pickle=trust_pickle))
     if state is None:
         raise CliError(
-            f"no state dict found in weights file {str(path)!r}: expected a dict of tensors, possibly under "
-            f"one of the keys {', '.join(_STATE_KEYS)}"
+            f"no state dict found in weights file {str(path)!r}: expected a dict of tensors, possibly under one of "
+            f"the keys {', '.join(STATE_KEYS)}"
         )
-    expected = set(model.state_dict())
-    state = _strip_prefixes(dict(state), expected)
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    parts = [f"{label} {_few(keys)}" for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-    if parts:
-        raise CliError(f"weights file {str(path)!r} does not match the model: {'; '.join(parts)}")
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
-        detail = lines[0] if lines else first_line(exc)
-        raise CliError(f"weights file {str(path)!r} does not match the model: {detail}") from exc
-
-
-def _few(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+        load_weights(model, state)
+    except WeightsMismatchError as exc:
+        raise CliError(f"weights file {str(path)!r} does not match the model: {exc.detail}") from exc
 
 
 def require_eager(loaded: LoadedModel, command: str) -> nn.Module:
@@ -399,7 +369,7 @@ def load_data(spec: str, *, batch_size: int = 64) -> DataSource:
     path = _existing(spec, "data")
     suffix = path.suffix.lower()
     if suffix in (".pt", ".pth"):
-        return _from_object(_torch_load(path, "data", weights_only=True), batch_size, spec)
+        return _from_object(_read(path, "data", trust_pickle=False), batch_size, spec)
     if suffix in (".npy", ".npz"):
         import numpy as np
 

@@ -107,7 +107,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights",
         metavar="CKPT",
         default=None,
-        help="state dict (or checkpoint with one under state_dict/model/...) to load into MODEL",
+        help="state dict (.pt or .safetensors, or a checkpoint with one under state_dict/model/...) to load into MODEL",
+    )
+    add_trust_pickle(parser)
+
+
+def add_trust_pickle(parser: argparse.ArgumentParser) -> None:
+    """``--trust-pickle``: allow unpickling files that can run code (whole pickled modules, custom objects).
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_trust_pickle(p)
+        >>> p.parse_args([]).trust_pickle
+        False
+    """
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow loading files that can run code when unpickled (a module saved with torch.save(model), "
+        "checkpoints with custom objects); only for files you trust. Without it such files are refused",
     )
 
 
@@ -152,7 +169,7 @@ def load_eager(args: argparse.Namespace, command: str) -> tuple[LoadedModel, tor
         >>> load_eager(argparse.Namespace(model="torch.nn:Identity", weights=None), "explain")[1]
         Identity()
     """
-    loaded = load_model(args.model, args.weights)
+    loaded = load_model(args.model, args.weights, trust_pickle=getattr(args, "trust_pickle", False))
     return loaded, require_eager(loaded, command)
 
 

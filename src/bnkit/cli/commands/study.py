@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from bnkit.cli.commands import add_trust_pickle
 from bnkit.cli.io import CliError, is_factory_spec, load_model, require_eager
 from bnkit.cli.output import Table
 
@@ -121,6 +122,7 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="package.module:factory or a module saved with torch.save (trusted files only)",
     )
     own.add_argument("--weights", default=None, metavar="CKPT", help="state dict to load into --model")
+    add_trust_pickle(own)
     own.add_argument(
         "--source-data",
         default=None,
@@ -293,7 +295,7 @@ def _run_custom(args: argparse.Namespace, console: Any, command: str) -> dict[st
 
     if args.target_data is None:
         raise CliError("--model needs --target-data: labelled data of the domain to adapt to")
-    model = require_eager(load_model(args.model, args.weights), NAME)
+    model = require_eager(load_model(args.model, args.weights, trust_pickle=getattr(args, "trust_pickle", False)), NAME)
     target = load_labelled(args.target_data)
     source = load_labelled(args.source_data) if args.source_data else None
     settings = FinetuneSettings(

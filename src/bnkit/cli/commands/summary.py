@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """
     from bnkit.inspection.summary import summary
 
-    loaded = load_model(args.model, args.weights)
+    loaded = load_model(args.model, args.weights, trust_pickle=getattr(args, "trust_pickle", False))
     size = parse_size(args.input_size) if args.input_size else None
     return summary(loaded.model, input_size=size).to_dict()
 
