@@ -125,7 +125,7 @@ def test_atomic_write_never_over_input_and_clean_on_failure(workdir: Path) -> No
         handle.write(b"partial")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CliError, match=r"cannot write '.*out\.bin': disk full; nothing was written"):
         write_atomic("out.bin", failing)
     assert Path("out.bin").read_bytes() == b"old"
     assert not [p for p in os.listdir(".") if p.endswith(".tmp")]
@@ -136,3 +136,72 @@ def test_atomic_write_never_over_input_and_clean_on_failure(workdir: Path) -> No
     assert Path("out.bin").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it
     with pytest.raises(CliError, match="does not exist"):
         write_atomic("no/such/dir/x.bin", lambda f: f.write(b"x"))
+
+
+def test_full_disk_is_one_line_naming_the_file(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Path("model.pt").write_bytes(b"old")
+    made: list[str] = []
+
+    def on_dev_full(dir: str, prefix: str, suffix: str) -> tuple[int, str]:
+        name = os.path.join(dir, f"{prefix}x{suffix}")
+        Path(name).touch()
+        made.append(name)
+        return os.open("/dev/full", os.O_WRONLY), name  # every write fails with ENOSPC, as on a full disk
+
+    monkeypatch.setattr("bnkit.cli.io.tempfile.mkstemp", on_dev_full)
+    big = {"w": torch.zeros(1 << 20)}
+    with pytest.raises(CliError) as info:
+        write_atomic("model.pt", lambda f: torch.save(big, f))
+    message = str(info.value)
+    assert message.startswith("cannot write '") and "model.pt': No space left on device; nothing was written" in message
+    assert "\n" not in str(info.value) and "inline_container" not in str(info.value)
+    assert Path("model.pt").read_bytes() == b"old" and not os.path.exists(made[0])
+
+
+def test_unwritable_directory_is_one_line(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(**_: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("bnkit.cli.io.tempfile.mkstemp", lambda *a, **k: refuse())
+    with pytest.raises(CliError, match=r"cannot write '.*out\.pt': Permission denied; nothing was written"):
+        write_atomic("out.pt", lambda f: f.write(b"x"))
+
+
+def test_replacing_a_file_keeps_its_permissions(workdir: Path) -> None:
+    Path("secret.pt").write_bytes(b"old")
+    os.chmod("secret.pt", 0o600)
+    write_atomic("secret.pt", lambda f: f.write(b"new"))
+    assert Path("secret.pt").read_bytes() == b"new" and Path("secret.pt").stat().st_mode & 0o777 == 0o600
+
+
+def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "out.bin").write_bytes(b"old")
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from bnkit.cli.io import write_atomic
+
+        def slow(handle):
+            handle.write(b"partial")
+            os.kill(os.getpid(), signal.SIGTERM)
+            handle.write(b"never")
+
+        write_atomic({str(tmp_path / "out.bin")!r}, slow)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["out.bin"] and (tmp_path / "out.bin").read_bytes() == b"old"
+
+
+def test_object_arrays_name_the_file(workdir: Path) -> None:
+    np.savez("objects.npz", x=np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(CliError, match=r"cannot load data file 'objects\.npz': array 'x' holds Python objects"):
+        load_data("objects.npz")
+    np.save("objects.npy", np.array([1, None], dtype=object), allow_pickle=True)
+    with pytest.raises(CliError, match=r"cannot load data file 'objects\.npy'"):
+        load_data("objects.npy")

@@ -32,10 +32,13 @@ import contextlib
 import importlib
 import os
 import re
+import signal
+import stat
 import sys
 import tempfile
+import threading
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -387,7 +390,14 @@ def load_data(spec: str, *, batch_size: int = 64) -> DataSource:
                     f"data file {spec!r} holds arrays {', '.join(names)}: name the inputs one of "
                     f"{', '.join(_DATA_KEYS)}"
                 )
-            return _split(_to_tensor(arrays[key], f"{spec}[{key!r}]"), batch_size, f"{spec}[{key!r}]")
+            try:
+                array = arrays[key]
+            except ValueError as exc:  # object arrays need pickle, which data loading never uses
+                raise CliError(
+                    f"cannot load data file {spec!r}: array {key!r} holds Python objects (it would need pickle); "
+                    "save numeric arrays"
+                ) from exc
+            return _split(_to_tensor(array, f"{spec}[{key!r}]"), batch_size, f"{spec}[{key!r}]")
     raise CliError(
         f"unknown data format {suffix or '(no suffix)'!r} for {spec!r}: use .pt, .pth, .npy, .npz or "
         "package.module:factory"
@@ -424,11 +434,13 @@ def write_atomic(
 ) -> Path:
     """Write a file through a temporary file in the same directory and ``os.replace``; never over an input.
 
-    A reader never sees a half-written file, and on any error the temporary file is removed and an existing
-    file at ``path`` is left as it was.
+    A reader never sees a half-written file. On any error, Ctrl-C or SIGTERM the temporary file is removed and
+    an existing file at ``path`` is left as it was. Replacing a file keeps its permission bits; a new file gets
+    the permissions ``open()`` would give it. A full disk or an unwritable directory is one line naming the file.
 
     Raises:
-        CliError: ``path`` is one of ``inputs`` (or the same file through a link), or its directory is missing.
+        CliError: ``path`` is one of ``inputs`` (or the same file through a link), its directory is missing, or
+            the operating system refused the write (full disk, permissions, read-only file system).
 
     Example:
         >>> import tempfile, pathlib
@@ -437,23 +449,80 @@ def write_atomic(
         b'ok'
     """
     target = check_output_path(path, inputs)
-    directory = target.parent
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    mode = _mode_for(target)
+    handle: _RecordingWriter | None = None
+    tmp_name: str | None = None
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates the file 0600; give it the permissions a plain open() would have
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
+        with _terminate_as_interrupt():
+            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as raw:
+                handle = _RecordingWriter(raw)
+                write(handle)  # type: ignore[arg-type]
+                handle.flush()
+                os.fsync(raw.fileno())
+            os.chmod(tmp_name, mode)
+            os.replace(tmp_name, target)
+    except BaseException as exc:
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+        os_error = exc if isinstance(exc, OSError) else (handle.error if handle is not None else None)
+        if os_error is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit, CliError)):
+            reason = os_error.strerror or first_line(os_error)
+            raise CliError(f"cannot write {str(target)!r}: {reason}; nothing was written") from exc
         raise
     return target
+
+
+def _mode_for(target: Path) -> int:
+    if target.exists():
+        return stat.S_IMODE(target.stat().st_mode)
+    umask = os.umask(0)  # there is no way to read the umask without setting it
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+class _RecordingWriter:
+    """A binary file that remembers the operating system's error: torch.save reports a full disk only as
+    ``[enforce fail at inline_container.cc] unexpected pos``, which names neither the file nor the cause."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._raw.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._raw.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit(143) while writing, so the temporary file is cleaned up as on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield  # only the main thread may set handlers, and a handler the program installed is its own
+        return
+
+    def _exit(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 SAVE_FORMATS = ("auto", "module", "state_dict", "torchscript")
