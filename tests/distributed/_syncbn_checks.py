@@ -451,9 +451,7 @@ def sync_running_stats_reduce_and_broadcast(rank: int, world: int) -> None:
     _fill_rank_stats(model.module, rank)
     names = bnkit.sync_running_stats(model, mode="reduce")
     assert names == ["module.0", "module.1", "module.3"], names
-    for (name, buf), *theirs in zip(
-        model.module.named_buffers(), *(m.buffers() for m in expected), strict=True
-    ):
+    for (name, buf), *theirs in zip(model.module.named_buffers(), *(m.buffers() for m in expected), strict=True):
         if name.endswith("num_batches_tracked"):
             assert int(buf) == int(theirs[rank]), name  # left alone
             continue
@@ -483,6 +481,63 @@ def sync_running_stats_refuses_different_models(rank: int, world: int) -> None:
         assert "'reduce' or 'broadcast'" in str(error)
     else:
         raise AssertionError("a bad mode was accepted")
+
+
+@check
+def sync_running_stats_nonfinite_raises_on_every_rank_and_changes_nothing(rank: int, world: int) -> None:
+    import warnings
+
+    model = _stats_model()
+    _fill_rank_stats(model, rank)
+    if rank == world - 1:
+        with torch.no_grad():
+            model[0].running_var[1] = float("nan")
+    before = [b.clone() for b in model.buffers()]
+    try:
+        bnkit.sync_running_stats(model, mode="reduce")
+    except ValueError as error:
+        assert f"'0' on rank(s) [{world - 1}]" in str(error) and "nothing was changed" in str(error), str(error)
+    else:
+        raise AssertionError("NaN running statistics were averaged into every rank")
+    assert all(
+        torch.equal(a, b) or (a.isnan() == b.isnan()).all() for a, b in zip(model.buffers(), before, strict=True)
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        names = bnkit.sync_running_stats(model, mode="reduce", on_nonfinite="skip")
+    assert names == ["1", "3"], names
+    assert any("left '0' on rank(s)" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert torch.equal(model[0].running_mean, before[0])  # the skipped layer is untouched on every rank
+    assert_same_on_all_ranks(model[3].running_mean)
+    # broadcast: only rank 0's values travel, so NaN elsewhere is repaired, not refused
+    bnkit.sync_running_stats(model, mode="broadcast")
+    assert_same_on_all_ranks(model[0].running_var)
+
+
+@check
+def sync_bn_ranks_in_different_dtypes_merge_exactly(rank: int, world: int) -> None:
+    dtype = torch.float32 if rank == 0 else torch.float64
+    sizes = sizes_for(world)
+    full = torch.randn(sum(sizes), 3, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 3 + 1
+    layer = bnkit.BatchNorm(3, sync=True, name="mixed.dtype", dtype=dtype)
+    layer(shard(full, sizes, rank).to(dtype))
+    reference = nn.BatchNorm1d(3, dtype=torch.float64)
+    reference(full)
+    close(layer.running_mean.double(), reference.running_mean, "running_mean", rtol=1e-6)
+    close(layer.running_var.double(), reference.running_var, "running_var", rtol=1e-6)
+
+
+@check
+def sync_bn_ranks_with_different_widths_fail_clearly_by_default(rank: int, world: int) -> None:
+    width = 3 if rank == 0 else 4
+    layer = bnkit.BatchNorm(width, sync=True, name="stem.bn")
+    try:
+        layer(torch.randn(4, width))
+    except SyncMismatchError as error:
+        assert "stem.bn" in str(error) and "channels" in str(error), str(error)
+    else:
+        raise AssertionError("ranks holding layers of different widths were not detected")
+    dist.barrier()  # no abort, no hang: the group is still usable
 
 
 # ------------------------------------------------------------------------------------ distributed recalibrate

@@ -11,8 +11,15 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ddp_syncbn.py"
 
 def test_ddp_syncbn_example_runs_under_torchrun() -> None:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(EXAMPLE), "--epochs", "1",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(EXAMPLE),
+        "--epochs",
+        "1",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from bnkit.distributed import comm
 
-__all__ = ["average_", "broadcast_"]
+__all__ = ["average_", "broadcast_", "nonfinite_ranks"]
 
 
 def _check_layout(tensors: Sequence[Tensor], group: Any, what: str, names: Sequence[str] | None) -> None:
@@ -131,3 +131,27 @@ def broadcast_(
         return comm.broadcast(torch.cat([t.reshape(-1) for t in bucket]), src, group, what)
 
     _by_bucket_(tensors, value_on_src)
+
+
+@torch.no_grad()
+def nonfinite_ranks(
+    groups: Sequence[Sequence[Tensor]], group: Any = None, *, what: str = "nonfinite_ranks", names: Sequence[str]
+) -> list[list[int]]:
+    """For each group of tensors (e.g. one layer's buffers), the ranks on which any of them is NaN or infinite.
+
+    Every rank gets the same answer (one tiny all_gather of per-group flags after the layout check), so all ranks
+    can raise, or skip the same groups, together. Outside ``torch.distributed`` only this rank is looked at.
+
+    Example:
+        >>> nonfinite_ranks([[torch.ones(2)], [torch.tensor([float("nan")])]], names=["a", "b"])
+        [[], [0]]
+    """
+    flags = torch.tensor(
+        [int(any(not bool(torch.isfinite(t).all()) for t in tensors)) for tensors in groups], dtype=torch.int64
+    )
+    if not comm.is_active(group):
+        return [[0] if int(flag) else [] for flag in flags]
+    flat = [t for tensors in groups for t in tensors]
+    _check_layout(flat, group, what, names)
+    gathered = comm.all_gather(flags.to(flat[0].device if flat else "cpu"), group, what).cpu()
+    return [[rank for rank in range(gathered.shape[0]) if int(gathered[rank, i])] for i in range(len(groups))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -132,15 +133,24 @@ def is_active(group: Any = None) -> bool:
 def _run(start: Any, what: str) -> None:
     """Run a collective (``start(async_op)`` issues it) with a bounded wait; a failure names ``what``."""
     timeout = _OPTIONS["timeout"]
+    began = time.monotonic()
     try:
         if timeout is None:
             start(False)  # the process group's own timeout bounds it; no extra wait object
         else:
             start(True).wait(timeout=datetime.timedelta(seconds=timeout))
     except RuntimeError as error:
+        waited = time.monotonic() - began
+        detail = " ".join(str(error).split())[:200]
+        if timeout is not None and waited < 0.9 * timeout:
+            # the backend gave up early: a peer closed its connection (it crashed, exited or raised)
+            raise SyncMismatchError(
+                f"{what}: the collective failed after {waited:.1f} s, before the {timeout:g} s timeout, so another "
+                f"rank most likely exited or failed ({detail}); look at the other ranks' errors first"
+            ) from error
         limit = f"{timeout:g} s" if timeout is not None else "the process group's timeout"
         raise SyncMismatchError(
-            f"{what}: no answer from the other ranks within {limit} ({error}); {_ISSUE} "
+            f"{what}: no answer from the other ranks within {limit} ({detail}); {_ISSUE} "
             "(pytorch#44957). A rank that skips a layer should call it on an empty batch, or use sync=False there"
         ) from error
 
