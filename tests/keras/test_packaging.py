@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import keras
@@ -24,6 +23,7 @@ def _run(code: str, backend: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_core_dependencies_are_numpy_only_and_extras_name_the_frameworks() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert [d.split(">")[0] for d in project["dependencies"]] == ["numpy"]
     extras = project["optional-dependencies"]
