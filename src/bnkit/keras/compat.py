@@ -174,3 +174,34 @@ def recompile_consequence() -> str:
     """
     name = backend()
     return RECOMPILE_CONSEQUENCE.get(name, f"on {name} fit() may keep using the old trainable set")
+
+
+def compiled_trainable_state(model: Any) -> dict[int, bool] | None:
+    """``id(layer) -> trainable`` as it was when ``model.compile()`` last ran, or None when unknown.
+
+    Keras 3 keeps this in the private ``_compiled_trainable_state``; read only here.
+
+    Example:
+        >>> keras = import_keras()
+        >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> compiled_trainable_state(m) is None
+        True
+    """
+    if not is_compiled(model):
+        return None
+    state = getattr(model, "_compiled_trainable_state", None)
+    if not isinstance(state, dict):
+        return None
+    return {id(layer): bool(flag) for layer, flag in state.items()}
+
+
+def to_numpy(variable: Any) -> Any:
+    """A NumPy copy of a Keras variable or tensor on any backend.
+
+    Example:
+        >>> to_numpy(import_keras().Variable([1.0, 2.0])).tolist()
+        [1.0, 2.0]
+    """
+    import numpy as np
+
+    return np.array(import_keras().ops.convert_to_numpy(variable), copy=True)
