@@ -11,11 +11,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bnkit"
 
 # Lower rank = lower level. A module may import bnkit packages of equal or lower rank only.
 RANK = {
+    "shared": 0,
     "core": 0,
     "distributed": 1,
     "layers": 2,
     "tools": 3,
     "inspection": 4,
+    "keras": 4,
     "monitor": 5,
     "study": 6,
     "cli": 7,
@@ -73,3 +75,18 @@ def test_core_has_no_modules() -> None:
         for name, _ in _imports(ast.parse(path.read_text())):
             assert not name.startswith("torch.nn"), f"core/{path.name} must stay free of nn.Module ({name})"
         assert "from torch import nn" not in path.read_text(), f"core/{path.name} must stay free of nn.Module"
+
+
+def test_shared_is_framework_free_and_keras_stays_off_the_torch_side() -> None:
+    for path in sorted((SRC / "shared").glob("*.py")):
+        for name, _ in _imports(ast.parse(path.read_text())):
+            root, _, rest = name.partition(".")
+            assert root not in {"torch", "keras", "tensorflow", "jax"}, f"shared/{path.name} imports {name}"
+            assert not (root == "bnkit" and rest and rest.split(".")[0] != "shared"), f"shared/{path.name}: {name}"
+    for path in sorted((SRC / "keras").glob("*.py")):
+        for name, at_top in _imports(ast.parse(path.read_text())):
+            root, _, rest = name.partition(".")
+            assert root != "torch", f"keras/{path.name} imports torch"
+            if root == "bnkit" and rest:
+                assert rest.split(".")[0] in {"shared", "keras", "_lazy"}, f"keras/{path.name} imports {name}"
+            assert not (root == "keras" and at_top and path.name == "__init__.py"), "bnkit.keras imports keras early"

@@ -10,6 +10,32 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+#: top-level module of a framework -> the bnkit extra that installs it (for the one-line "install" error).
+FRAMEWORK_EXTRAS: dict[str, str] = {
+    "torch": "torch",
+    "torchvision": "vision",
+    "timm": "vision",
+    "keras": "keras",
+    "tensorflow": "tensorflow",
+    "jax": "jax",
+}
+
+
+def missing_framework(error: ModuleNotFoundError, feature: str) -> ModuleNotFoundError | None:
+    """A one-line error naming the extra to install when ``error`` is a missing framework, else None.
+
+    Example:
+        >>> str(missing_framework(ModuleNotFoundError("No module named 'torch'", name="torch"), "bnkit.freeze"))
+        "bnkit.freeze needs torch, which is not installed: pip install 'bnkit[torch]'"
+    """
+    missing = (error.name or "").split(".")[0]
+    extra = FRAMEWORK_EXTRAS.get(missing)
+    if extra is None:
+        return None
+    return ModuleNotFoundError(
+        f"{feature} needs {missing}, which is not installed: pip install 'bnkit[{extra}]'", name=missing
+    )
+
 
 def lazy_exports(
     package: str, exports: dict[str, str], namespace: dict[str, Any]
@@ -39,7 +65,14 @@ def lazy_exports(
         module = exports.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
+        try:
+            imported = importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            friendly = missing_framework(error, f"{package}.{name}")
+            if friendly is None:
+                raise
+            raise friendly from None
+        value = getattr(imported, name)
         namespace[name] = value
         return value
 

@@ -19,175 +19,18 @@ buffer, ``num_batches_tracked`` included). Tensors shared between modules are co
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from bnkit.inspection._common import layer_type
-from bnkit.inspection._table import text_table
 from bnkit.layers.find import is_batch_independent_norm, is_batchnorm
+from bnkit.shared.summary import LayerSummary, Summary
 from bnkit.tools._common import check_model, eval_run, first_line, input_device_dtype
 
 __all__ = ["LayerSummary", "Summary", "summary"]
-
-
-@dataclass
-class LayerSummary:
-    """Counts for one module (its own tensors, not its children's).
-
-    Attributes:
-        name: Qualified module name.
-        type: Class name.
-        output_shape: Output shape with the batch dimension as -1 (only with ``input_size``), else None.
-        total: Keras-style total (trainable + non-trainable).
-        trainable: Keras-style trainable count.
-        non_trainable: Keras-style non-trainable count (frozen parameters and norm running statistics).
-        parameters: PyTorch-style number of parameter elements.
-        trainable_parameters: Parameter elements with ``requires_grad=True``.
-        buffers: Buffer elements (``num_batches_tracked`` included).
-
-    Example:
-        >>> row = summary(nn.Sequential(nn.BatchNorm2d(4))).rows[0]
-        >>> row.total, row.trainable, row.non_trainable, row.parameters, row.buffers
-        (16, 8, 8, 8, 9)
-    """
-
-    name: str
-    type: str
-    output_shape: list[int] | None
-    total: int
-    trainable: int
-    non_trainable: int
-    parameters: int
-    trainable_parameters: int
-    buffers: int
-
-
-@dataclass
-class Summary:
-    """Per-layer rows and totals in both conventions; prints as a table.
-
-    Attributes:
-        rows: One :class:`LayerSummary` per module that owns tensors (and per leaf module).
-        total: Keras-style total, what ``keras.Model.count_params()`` gives for the same network.
-        trainable: Keras-style trainable count.
-        non_trainable: Keras-style non-trainable count.
-        parameters: PyTorch-style parameter count (``sum(p.numel() for p in model.parameters())``).
-        trainable_parameters: Parameters with ``requires_grad=True``.
-        buffers: Buffer elements (``sum(b.numel() for b in model.buffers())``).
-
-    Example:
-        >>> s = summary(nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2)))
-        >>> s.total, s.trainable, s.non_trainable, s.parameters, s.buffers
-        (18, 14, 4, 14, 5)
-    """
-
-    rows: list[LayerSummary] = field(default_factory=list)
-    total: int = 0
-    trainable: int = 0
-    non_trainable: int = 0
-    parameters: int = 0
-    trainable_parameters: int = 0
-    buffers: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-ready).
-
-        Example:
-            >>> summary(nn.Linear(2, 2)).to_dict()["total"]
-            6
-        """
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Summary:
-        """The summary back from :meth:`to_dict` (e.g. from ``bnkit summary --json``).
-
-        Example:
-            >>> s = summary(nn.Linear(2, 2))
-            >>> Summary.from_dict(s.to_dict()) == s
-            True
-        """
-        return cls(**{**data, "rows": [LayerSummary(**row) for row in data["rows"]]})
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """JSON text of :meth:`to_dict`.
-
-        Example:
-            >>> '"parameters": 6' in summary(nn.Linear(2, 2)).to_json()
-            True
-        """
-        return json.dumps(self.to_dict(), indent=indent)
-
-    columns = (
-        "layer",
-        "type",
-        "output shape",
-        "keras total",
-        "trainable",
-        "non-trainable",
-        "parameters",
-        "trainable params",
-        "buffers",
-    )
-
-    def table_rows(self) -> list[list[Any]]:
-        """Rows matching :attr:`columns`, the totals last.
-
-        Example:
-            >>> summary(nn.Linear(2, 2)).table_rows()[-1][3]
-            6
-        """
-        rows: list[list[Any]] = [
-            [
-                row.name or "(model)",
-                row.type,
-                "" if row.output_shape is None else str(row.output_shape),
-                row.total,
-                row.trainable,
-                row.non_trainable,
-                row.parameters,
-                row.trainable_parameters,
-                row.buffers,
-            ]
-            for row in self.rows
-        ]
-        rows.append(
-            [
-                "total",
-                "",
-                "",
-                self.total,
-                self.trainable,
-                self.non_trainable,
-                self.parameters,
-                self.trainable_parameters,
-                self.buffers,
-            ]
-        )
-        return rows
-
-    def footer(self) -> str:
-        """The totals in both conventions, one line each.
-
-        Example:
-            >>> print(summary(nn.Linear(2, 2)).footer())
-            Keras style:   total 6  trainable 6  non-trainable 0
-            PyTorch style: parameters 6  trainable 6  buffers 0
-        """
-        return (
-            f"Keras style:   total {self.total:,}  trainable {self.trainable:,}  "
-            f"non-trainable {self.non_trainable:,}\n"
-            f"PyTorch style: parameters {self.parameters:,}  trainable {self.trainable_parameters:,}  "
-            f"buffers {self.buffers:,}"
-        )
-
-    def __str__(self) -> str:
-        return f"{text_table(self.columns, self.table_rows())}\n\n{self.footer()}"
 
 
 def _is_keras_state(module: nn.Module, buffer: torch.Tensor) -> bool:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterable
 from typing import Union
 
 from torch import nn
+
+from bnkit.shared.selection import matches
 
 __all__ = [
     "LayerSelector",
@@ -48,16 +49,7 @@ def is_batch_independent_norm(module: nn.Module) -> bool:
     return isinstance(module, kinds)
 
 
-def _matches(selector: LayerSelector, name: str, module: nn.Module) -> bool:
-    if selector is None:
-        return True
-    if isinstance(selector, str):
-        return fnmatch.fnmatchcase(name, selector)
-    if isinstance(selector, type) or (isinstance(selector, tuple) and all(isinstance(s, type) for s in selector)):
-        return isinstance(module, selector)
-    if callable(selector):
-        return bool(selector(name, module))
-    return any(_matches(s, name, module) for s in selector)
+_matches = matches
 
 
 def named_batchnorms(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Module]]:

@@ -44,6 +44,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 
 from bnkit.core.divergence import gaussian_symmetric_kl
 from bnkit.layers.find import LayerSelector, named_batchnorms
+from bnkit.layers.keras_guard import refuse_keras
 
 __all__ = [
     "JSONL_NAME",
@@ -306,6 +307,7 @@ class Monitor:
         keep_history: bool | None = None,
         auto_step: bool = True,
     ) -> None:
+        refuse_keras(model, "Monitor")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:

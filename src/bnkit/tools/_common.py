@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bnkit.layers.find import LayerSelector, named_batchnorms
+from bnkit.layers.keras_guard import refuse_keras
 
 __all__ = [
     "affine_params",
@@ -63,6 +64,7 @@ def check_model(model: Any, tool: str) -> None:
     Example:
         >>> check_model(nn.Linear(2, 2), "freeze")
     """
+    refuse_keras(model, tool)
     if not isinstance(model, nn.Module):
         raise TypeError(f"{tool}: expected a torch.nn.Module, got {type(model).__name__}")
 

@@ -50,6 +50,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from bnkit.core.fold import fold_after_conv, fold_after_linear, fold_before_conv, fold_before_linear
 from bnkit.core.normalize import scale_shift
 from bnkit.layers.find import is_batchnorm
+from bnkit.layers.keras_guard import refuse_keras
 from bnkit.tools._common import first_line
 from bnkit.tools.freeze import has_foreign_hooks
 
@@ -225,6 +226,7 @@ def fuse_with_report(
         >>> [f.bn for f in report.folded], report.skipped
         (['1', '2'], [])
     """
+    refuse_keras(model, "fuse")
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: expected an nn.Module. Received: {type(model).__name__}")
     try:

@@ -1,0 +1,29 @@
+"""bnkit.keras: the bnkit tools for Keras 3 models, on the TensorFlow, JAX and torch backends.
+
+Pure ``keras`` + ``keras.ops`` + NumPy: one implementation for every backend, and importing it never imports
+torch. Keras itself is imported by the first tool used (Keras reads ``KERAS_BACKEND`` when it is imported), and
+a missing Keras is a one-line error naming the extra to install (``pip install 'bnkit[keras]'``).
+
+Example:
+    >>> import bnkit.keras
+    >>> "freeze" in bnkit.keras.__all__
+    True
+"""
+
+from __future__ import annotations
+
+from bnkit import _lazy
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "BatchNormalization": "bnkit.keras.layer",
+    "named_batchnorms": "bnkit.keras.find",
+    "summary": "bnkit.keras.summary",
+    "freeze": "bnkit.keras.freeze",
+    "unfreeze": "bnkit.keras.freeze",
+    "KerasFreezeReport": "bnkit.keras.freeze",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = _lazy.lazy_exports(__name__, _EXPORTS, globals())

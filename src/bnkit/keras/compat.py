@@ -1,0 +1,176 @@
+"""Everything bnkit.keras asks of Keras that is not its documented public API, probed at run time.
+
+Keras is imported here on first use (never at ``import bnkit``: Keras reads ``KERAS_BACKEND`` when imported).
+Private attributes (``_flatten_layers``, ``_inbound_nodes``, node arguments) are read only in this module, each
+with a fallback, so a Keras release that moves them degrades one answer instead of breaking every tool.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+__all__ = [
+    "backend",
+    "construction_training",
+    "import_keras",
+    "is_batchnorm",
+    "is_model",
+    "sublayers",
+]
+
+
+def import_keras() -> Any:
+    """The ``keras`` module (Keras 3), or a one-line error naming the extra to install.
+
+    Example:
+        >>> import_keras().__version__[0]
+        '3'
+    """
+    try:
+        import keras
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("bnkit.keras needs Keras 3: pip install 'bnkit[keras]'", name="keras") from None
+    if not keras.__version__.startswith("3"):
+        raise ImportError(f"bnkit.keras needs Keras 3, found keras {keras.__version__}: pip install 'keras>=3.8'")
+    return keras
+
+
+def backend() -> str:
+    """The running Keras backend: ``"tensorflow"``, ``"jax"`` or ``"torch"``.
+
+    Example:
+        >>> backend() in {"tensorflow", "jax", "torch", "numpy", "openvino"}
+        True
+    """
+    return str(import_keras().backend.backend())
+
+
+def is_batchnorm(layer: Any) -> bool:
+    """True for ``keras.layers.BatchNormalization`` and its subclasses (bnkit's included).
+
+    Example:
+        >>> keras = import_keras()
+        >>> is_batchnorm(keras.layers.BatchNormalization()), is_batchnorm(keras.layers.Dense(2))
+        (True, False)
+    """
+    return isinstance(layer, import_keras().layers.BatchNormalization)
+
+
+def is_model(obj: Any) -> bool:
+    """True for a ``keras.Model`` (Sequential, functional or subclassed).
+
+    Example:
+        >>> is_model(import_keras().Sequential()), is_model(3)
+        (True, False)
+    """
+    return isinstance(obj, import_keras().Model)
+
+
+def sublayers(layer: Any) -> list[Any]:
+    """The layers directly inside ``layer`` (a model or a layer that holds layers), in tracking order.
+
+    Input layers are left out (they hold no state and take no ``training``).
+
+    Example:
+        >>> keras = import_keras()
+        >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, name="d")])
+        >>> [l.name for l in sublayers(m)]
+        ['d']
+    """
+    input_layer = import_keras().layers.InputLayer
+    found: list[Any] | None = None
+    flatten = getattr(layer, "_flatten_layers", None)
+    if callable(flatten):
+        try:
+            found = list(flatten(include_self=False, recursive=False))
+        except TypeError:  # a release with another signature
+            found = None
+    if found is None:
+        found = list(getattr(layer, "layers", []) or [])
+    return [sub for sub in found if not isinstance(sub, input_layer)]
+
+
+def construction_training(model: Any, layer: Any) -> bool | None:
+    """The ``training=`` that ``layer`` was called with when the functional ``model`` was built, if any.
+
+    ``x = base(inputs, training=False)`` in a functional model records ``training=False`` on the node; ``fit()``
+    ignores it (keras#20285). Returns None when no such argument was recorded.
+
+    Example:
+        >>> keras = import_keras()
+        >>> inp = keras.Input((2,)); bn = keras.layers.BatchNormalization()
+        >>> model = keras.Model(inp, bn(inp, training=False))
+        >>> construction_training(model, bn)
+        False
+    """
+    found: bool | None = None
+    for node in _nodes_in(model, layer):
+        arguments = getattr(node, "arguments", None)
+        kwargs = getattr(arguments, "kwargs", None) or {}
+        if "training" in kwargs and kwargs["training"] is not None:
+            found = bool(kwargs["training"])
+    return found
+
+
+def _nodes_in(model: Any, layer: Any) -> list[Any]:
+    nodes = getattr(layer, "_inbound_nodes", None) or []
+    by_depth = getattr(model, "_nodes_by_depth", None)
+    if isinstance(by_depth, dict):
+        own = {id(n) for depth in by_depth.values() for n in depth}
+        return [n for n in nodes if id(n) in own] or list(nodes)
+    return list(nodes)
+
+
+@functools.cache
+def variance_is_one_pass() -> bool:
+    """Whether this backend's BatchNormalization computes the batch variance as E[x^2]-E[x]^2 (probed once).
+
+    Probed on inputs with mean 1000 and std 0.05: the one-pass formula loses the variance entirely in float32.
+
+    Example:
+        >>> isinstance(variance_is_one_pass(), bool)
+        True
+    """
+    import numpy as np
+
+    keras = import_keras()
+    bn = keras.layers.BatchNormalization(momentum=0.0)
+    x = (1000.0 + 0.05 * np.random.default_rng(0).standard_normal((64, 4))).astype("float32")
+    bn(x, training=True)
+    var = np.asarray(keras.ops.convert_to_numpy(bn.moving_variance))
+    return bool(np.any(np.abs(var - x.astype("float64").var(axis=0)) > 1e-3))
+
+
+def is_compiled(model: Any) -> bool:
+    """Whether ``model.compile()`` has been called (Keras 3 sets ``model.compiled``).
+
+    Example:
+        >>> keras = import_keras()
+        >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> is_compiled(m), (m.compile("sgd", "mse"), is_compiled(m))[1]
+        (False, True)
+    """
+    return bool(getattr(model, "compiled", False))
+
+
+#: What happens on each backend when ``trainable`` changes after ``compile()`` and ``fit()`` runs without a new
+#: ``compile()`` (measured with Keras 3.15; see docs/keras.md).
+RECOMPILE_CONSEQUENCE: dict[str, str] = {
+    "tensorflow": "on TensorFlow fit() keeps the train function compiled before the change and silently trains "
+    "what it trained before",
+    "torch": "on torch fit() raises 'ValueError: Unknown variable' after the forward pass has already moved the "
+    "BatchNorm statistics",
+    "jax": "on JAX fit() raises ValueError and leaves the model unusable (reading weights and recompiling fail)",
+}
+
+
+def recompile_consequence() -> str:
+    """This backend's consequence of changing ``trainable`` without calling ``compile()`` again.
+
+    Example:
+        >>> recompile_consequence().startswith("on ")
+        True
+    """
+    name = backend()
+    return RECOMPILE_CONSEQUENCE.get(name, f"on {name} fit() may keep using the old trainable set")
