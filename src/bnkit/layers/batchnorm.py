@@ -304,7 +304,7 @@ class BatchNorm(nn.Module):
             >>> try:
             ...     bn.load_state_dict({"weight": torch.ones(3)}, strict=False)
             ... except ValueError as error:
-            ...     print(str(error)[:62])
+            ...     print(str(error)[:61])
             bn1: state dict entry 'weight' has shape (3,) but the layer's
         """
         check_layer_state(self.label(), self.state_dict(), state_dict, strict=strict)

@@ -39,7 +39,7 @@ def check_setting(label: str, name: str, value: Any) -> Any:
         >>> try:
         ...     check_setting("bn1", "momentum", 1.5)
         ... except ValueError as error:
-        ...     print(str(error)[:46])
+        ...     print(str(error)[:44])
         bn1: momentum is the weight of the NEW batch
     """
     if name == "eps":
@@ -95,7 +95,7 @@ def check_layer_state(
         >>> try:
         ...     check_layer_state("bn", own, {"weight": torch.ones(3), "bias": torch.zeros(2)}, strict=True)
         ... except ValueError as error:
-        ...     print(str(error)[:61])
+        ...     print(str(error)[:60])
         bn: state dict entry 'weight' has shape (3,) but the layer's
     """
     given = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
