@@ -515,16 +515,17 @@ def sync_running_stats_nonfinite_raises_on_every_rank_and_changes_nothing(rank: 
 
 
 @check
-def sync_bn_ranks_in_different_dtypes_merge_exactly(rank: int, world: int) -> None:
+def sync_bn_ranks_in_different_dtypes_fail_clearly(rank: int, world: int) -> None:
     dtype = torch.float32 if rank == 0 else torch.float64
-    sizes = sizes_for(world)
-    full = torch.randn(sum(sizes), 3, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 3 + 1
     layer = bnkit.BatchNorm(3, sync=True, name="mixed.dtype", dtype=dtype)
-    layer(shard(full, sizes, rank).to(dtype))
-    reference = nn.BatchNorm1d(3, dtype=torch.float64)
-    reference(full)
-    close(layer.running_mean.double(), reference.running_mean, "running_mean", rtol=1e-6)
-    close(layer.running_var.double(), reference.running_var, "running_var", rtol=1e-6)
+    try:
+        layer(torch.randn(4, 3, dtype=dtype))
+    except SyncMismatchError as error:
+        assert "mixed.dtype" in str(error) and "torch.float" in str(error) and "same dtype" in str(error), str(error)
+    else:
+        raise AssertionError("ranks in different dtypes were not detected")
+    assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_mean, torch.zeros(3, dtype=dtype))
+    dist.barrier()  # no abort, no hang: the group is still usable
 
 
 @check

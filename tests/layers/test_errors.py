@@ -99,7 +99,7 @@ def test_state_dict_of_wrong_shape_names_layer_and_changes_nothing() -> None:
     [
         ({"num_features": 0}, "num_features must be a positive int"),
         ({"num_features": 4, "momentum": 0.99 + 1}, "weight of the NEW batch"),
-        ({"num_features": 4, "eps": -1.0}, "eps must be >= 0"),
+        ({"num_features": 4, "eps": -1.0}, "eps must be > 0"),
         ({"num_features": 4, "virtual_batch_size": 0}, "virtual_batch_size must be a positive int"),
         ({"num_features": 4, "on_nonfinite": "ignore"}, "on_nonfinite must be 'raise' or 'warn'"),
         ({"num_features": 4, "renorm": True, "track_running_stats": False}, "renorm needs running statistics"),

@@ -70,10 +70,8 @@ class _SyncBatchNorm(torch.autograd.Function):
         if need_x:
             # The loss of every rank depends on the global mean and variance: sum the two reductions (the
             # concatenation is a copy, so grad_w and sum_dy stay this rank's own).
-            combined = comm.all_reduce_sum(
-                torch.cat([sum_dy, grad_w]).double(), ctx.group, f"{ctx.layer_name} (backward)"
-            )
-            combined = combined.to(x.dtype)  # float64 on the wire, as in the forward: ranks may differ in dtype
+            combined = torch.cat([sum_dy, grad_w])
+            comm.all_reduce_sum(combined, ctx.group, f"{ctx.layer_name} (backward)")
             invstd = torch.rsqrt(var + ctx.eps)
             scale = invstd if weight is None else invstd * weight
             shift, slope = combined.view(2, channels).mul_(scale / ctx.total)

@@ -134,21 +134,19 @@ def exchange(local: Tensor, group: Any, layer_name: str) -> Tensor:
     """One all_gather of this rank's ``[count, m2 (C), mean (C)]``; returns the global triple, same layout, float64.
 
     ``local`` must be clean (an empty rank sends zeros, not the NaN moments of an empty batch); it is the send
-    buffer when it is float64 (its sign bits are overwritten; narrower dtypes travel as a float64 copy, so ranks in
-    different dtypes agree on the byte count). The sign bits of the count and of the first m2 entries (never
+    buffer, so its sign bits are overwritten. The sign bits of the count and of the first m2 entries (never
     negative) carry a 16-bit tag of (layer, call number), checked on arrival: ranks in different layers of the
     same width raise :class:`SyncMismatchError` on every rank at once, at no extra bytes. Per-channel vectors
     are small, so the cost here is the number of array operations, which is kept low: the tag is one
     ``copysign`` on a prefix and the merge a few reductions.
     """
     channels = (local.numel() - 1) // 2
-    local = local.to(torch.float64)  # float64 on the wire: ranks in different dtypes send the same byte counts
     call = comm.next_call(group, layer_name)
     tag = comm.tag_of(layer_name, call)
     if comm._OPTIONS["check_shapes"] or call == 0:
-        # always on a layer's first call: ranks holding layers of different widths would otherwise abort the
-        # process in the backend (payloads of different sizes); later calls rely on the tag unless asked
-        _check_headers(group, layer_name, call, tag, channels, local.device)
+        # always on a layer's first call: ranks whose layers differ in width or dtype would otherwise hand the
+        # backend payloads of different byte sizes, which aborts the process (gloo); later calls rely on the tag
+        _check_headers(group, layer_name, call, tag, channels, local.dtype, local.device)
     slots = min(1 + channels, 16)
     bits = [-1.0 if (tag >> i) & 1 else 1.0 for i in range(slots)]
     # NumPy for CPU float tensors: the tag and the merge handle a few tiny vectors, where torch's per-operation
@@ -198,10 +196,9 @@ class SyncMoments(torch.autograd.Function):
         local = torch.cat([count.detach().reshape(1).to(dtype), m2.detach().reshape(-1), mean.detach().reshape(-1)])
         # An empty batch has NaN moments; it must contribute nothing, and NaN * 0 is still NaN.
         local = torch.where(local[:1] > 0, local, 0.0)
-        local64 = local.double()
-        # Always float64 on the wire: ranks in different dtypes then merge exactly instead of handing the backend
-        # buffers of different byte sizes (a gloo abort). A copy, because exchange writes the tag into its sign bits.
-        merged = exchange(local.to(torch.float64, copy=True), group, layer_name)
+        # a copy even for float64 input: exchange writes the tag into the send buffer's sign bits
+        local64 = local.to(torch.float64, copy=True)
+        merged = exchange(local, group, layer_name)
         total, big_m2, mu = merged[:1], merged[1 : 1 + channels], merged[1 + channels :]
         n_local = local64[0]
         ctx.group = group
@@ -223,27 +220,40 @@ class SyncMoments(torch.autograd.Function):
         share, slope, present = ctx.saved_tensors
         channels = ctx.channels
         # Every rank's loss depends on the global statistics: sum their gradients (2C numbers, one collective).
-        # float64 on the wire, as in the forward: ranks may hold different dtypes
-        combined = torch.cat([grad_mean.reshape(-1), grad_m2.reshape(-1)]).double()
+        combined = torch.cat([grad_mean.reshape(-1), grad_m2.reshape(-1)])
         comm.all_reduce_sum(combined, ctx.group, f"{ctx.layer_name} (backward)")
-        combined = combined.to(grad_mean.dtype)
         g_mean, g_m2 = combined[:channels], combined[channels:]
         d_mean = (g_mean.double() * share + g_m2.double() * slope).to(grad_mean.dtype)
         d_m2 = g_m2 * present
         return None, d_mean.reshape(ctx.shape), d_m2.reshape(ctx.shape), None, None
 
 
-def _check_headers(group: Any, layer_name: str, call: int, tag: int, channels: int, device: torch.device) -> None:
-    header = torch.tensor([tag, call, channels], dtype=torch.int64, device=device)
+_WIRE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_headers(
+    group: Any, layer_name: str, call: int, tag: int, channels: int, dtype: torch.dtype, device: torch.device
+) -> None:
+    code = _WIRE_DTYPES.index(dtype) if dtype in _WIRE_DTYPES else len(_WIRE_DTYPES)
+    header = torch.tensor([tag, call, channels, code], dtype=torch.int64, device=device)
     headers = comm.all_gather(header, group, f"{layer_name} (shape check)")
     bad = [r for r in range(headers.shape[0]) if not torch.equal(headers[r], header)]
     if not bad:
         return
-    widths = {r: int(headers[r, 2]) for r in bad if int(headers[r, 2]) != channels}
-    if widths and all(torch.equal(headers[r, :2], header[:2]) for r in widths):
+    me = f"this rank (rank {comm.get_rank(group)})"
+    if all(torch.equal(headers[r, :2], header[:2]) for r in bad):  # same layer and call: width or dtype differs
+        widths = sorted({int(headers[r, 2]) for r in bad} - {channels})
+        if widths:
+            raise comm.SyncMismatchError(
+                f"{layer_name}: {me} normalises {channels} channels but rank(s) {bad} normalise {widths}; "
+                "every rank must run the same model"
+            )
+        names = sorted(
+            {str(_WIRE_DTYPES[int(headers[r, 3])]) if int(headers[r, 3]) < len(_WIRE_DTYPES) else "?" for r in bad}
+        )
         raise comm.SyncMismatchError(
-            f"{layer_name}: this rank (rank {comm.get_rank(group)}) normalises {channels} channels but rank(s) "
-            f"{sorted(widths)} normalise {sorted(set(widths.values()))}; every rank must run the same model"
+            f"{layer_name}: {me} computes in {dtype} but rank(s) {bad} in {', '.join(names)}; give every rank the "
+            "same dtype (model.to(dtype) or the same autocast settings)"
         )
     raise comm.mismatch(layer_name, call, bad)
 

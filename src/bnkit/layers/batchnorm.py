@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -13,11 +14,11 @@ from bnkit.core.moments import Moments, batch_stats, channel_moments, ghost_mome
 from bnkit.core.normalize import normalize, renorm_correction
 from bnkit.core.running import ema_update, keras_ema_update, momentum_factor, unbias
 from bnkit.layers.renorm import Renorm
+from bnkit.layers.validation import VALIDATED_SETTINGS, check_layer_state, check_setting
 
 __all__ = ["BatchNorm"]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
-_NONFINITE_POLICIES = ("raise", "warn")
 
 
 class BatchNorm(nn.Module):
@@ -128,17 +129,13 @@ class BatchNorm(nn.Module):
         label = name or "BatchNorm"
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
             raise ValueError(f"{label}: num_features must be a positive int. Received: {num_features!r}")
-        if not eps >= 0:
-            raise ValueError(f"{label}: eps must be >= 0. Received: eps={eps}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(
-                f"{label}: momentum is the weight of the NEW batch (PyTorch convention) and must be in [0, 1] "
-                f"or None. Received: momentum={momentum}"
-            )
-        if virtual_batch_size is not None and (not isinstance(virtual_batch_size, int) or virtual_batch_size < 1):
-            raise ValueError(f"{label}: virtual_batch_size must be a positive int. Received: {virtual_batch_size!r}")
-        if on_nonfinite not in _NONFINITE_POLICIES:
-            raise ValueError(f"{label}: on_nonfinite must be 'raise' or 'warn'. Received: {on_nonfinite!r}")
+        for setting, value in (
+            ("eps", eps),
+            ("momentum", momentum),
+            ("virtual_batch_size", virtual_batch_size),
+            ("on_nonfinite", on_nonfinite),
+        ):
+            check_setting(label, setting, value)  # before any state exists; assignment below checks again
         if renorm is True:
             renorm = Renorm()
         elif renorm is False:
@@ -289,6 +286,30 @@ class BatchNorm(nn.Module):
             parts.append("freeze_affine=True")
         return ", ".join(parts)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # settings are validated on every assignment, with the constructor's messages (bn.momentum = 1.5 raises)
+        if name in VALIDATED_SETTINGS:
+            value = check_setting(self.label() if "name" in self.__dict__ else "BatchNorm", name, value)
+        super().__setattr__(name, value)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, all-or-nothing: every entry is checked before any is copied.
+
+        Raises:
+            ValueError: a missing or unexpected entry (with ``strict``), a value that is not a tensor, a wrong
+                shape or a float/integer mix-up; one line naming the layer and the entry, the layer unchanged.
+
+        Example:
+            >>> bn = BatchNorm(2, name="bn1")
+            >>> try:
+            ...     bn.load_state_dict({"weight": torch.ones(3)}, strict=False)
+            ... except ValueError as error:
+            ...     print(str(error)[:61])
+            bn1: state dict entry 'weight' has shape (3,) but the layer's
+        """
+        check_layer_state(self.label(), self.state_dict(), state_dict, strict=strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -300,15 +321,8 @@ class BatchNorm(nn.Module):
         error_msgs: list[str],
     ) -> None:
         where = prefix[:-1] if prefix else self.label()
-        # Check every shape before anything is copied, so a bad checkpoint leaves the layer untouched.
-        for key in ("weight", "bias", "running_mean", "running_var", "running_std", "renorm_mean", "renorm_std"):
-            mine = getattr(self, key, None)
-            theirs = state_dict.get(prefix + key)
-            if mine is not None and isinstance(theirs, Tensor) and theirs.shape != mine.shape:
-                raise ValueError(
-                    f"{where}: state dict entry {key!r} has shape {tuple(theirs.shape)} but the layer has "
-                    f"{self.num_features} channels; load a checkpoint made for this architecture"
-                )
+        # Check every entry before anything is copied, so a bad checkpoint leaves the layer untouched.
+        check_layer_state(where, self.state_dict(), state_dict, strict=False, prefix=prefix)
         version = local_metadata.get("version")
         if self.track_running_stats and (version is None or version < 2):
             # Checkpoints from before num_batches_tracked existed (PyTorch's own migration rule).
