@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "summary": "bnkit.keras.accounting",
     "explain": "bnkit.keras.explanation",
     "KerasExplanation": "bnkit.keras.explanation",
+    "doctor": "bnkit.keras.diagnosis",
     "freeze": "bnkit.keras.freezing",
     "unfreeze": "bnkit.keras.freezing",
     "KerasFreezeReport": "bnkit.keras.freezing",

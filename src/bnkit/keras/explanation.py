@@ -11,13 +11,12 @@ otherwise). A subclassed model's ``call()`` may pass its own ``training``: only 
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bnkit.keras import compat
-from bnkit.keras.find import Found, check_model, walk
+from bnkit.keras.find import Found, check_model, recorded_training, walk
 from bnkit.shared.table import RowList
 
 __all__ = ["KerasExplanation", "KerasLayerExplanation", "explain"]
@@ -131,16 +130,6 @@ def _who_freezes(item: Found) -> str | None:
     return None
 
 
-def _recorded_training(item: Found) -> bool | None:
-    """The ``training=`` recorded at construction on the path to the layer; the outermost one wins."""
-    chain = [*item.ancestors, item.layer]
-    for outer, inner in itertools.pairwise(chain):
-        recorded = compat.construction_training(outer, inner)
-        if recorded is not None:
-            return recorded
-    return None
-
-
 def _row(model: Any, item: Found, compiled: dict[int, bool] | None) -> KerasLayerExplanation:
     layer = item.layer
     reasons: list[str] = []
@@ -154,7 +143,7 @@ def _row(model: Any, item: Found, compiled: dict[int, bool] | None) -> KerasLaye
     if freeze_stats:
         reasons.append("bnkit freeze_stats=True: always moving statistics, never updated")
     call_mode = MOVING
-    recorded = _recorded_training(item)
+    recorded = recorded_training(item)
     if recorded is False and trains:
         reasons.append(
             "training=False given when the functional model was built is ignored by fit(): it trains (keras#20285); "
