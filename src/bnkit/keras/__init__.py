@@ -26,6 +26,8 @@ _EXPORTS: dict[str, str] = {
     "freeze": "bnkit.keras.freezing",
     "unfreeze": "bnkit.keras.freezing",
     "KerasFreezeReport": "bnkit.keras.freezing",
+    "recalibrate": "bnkit.keras.recalibration",
+    "KerasRecalibrationReport": "bnkit.keras.recalibration",
 }
 
 __all__ = sorted(_EXPORTS)

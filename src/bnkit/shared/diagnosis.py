@@ -15,6 +15,7 @@ SEVERITIES = ("error", "warning", "info")
 #: images per GPU, 24.8% at 8, 27.3% at 4, 34.7% at 2).
 MIN_BATCH = 8
 
+
 @dataclass(frozen=True)
 class Finding:
     """One problem found by :func:`doctor`.
