@@ -75,11 +75,17 @@ def test_bad_masks(bn: BatchNorm, mask, match: str) -> None:
     assert _unchanged(bn, before)
 
 
-def test_mask_leaving_a_single_value_is_refused(bn: BatchNorm) -> None:
+def test_mask_leaving_a_single_value_gives_beta_and_updates_nothing(bn: BatchNorm) -> None:
+    # decided on the device (no host sync): one value per channel has no variance, so, as in Keras, the output
+    # is beta and the running statistics (and num_batches_tracked) stay as they were
     mask = torch.zeros(8, 2, 2, dtype=torch.bool)
     mask[3, 1, 0] = True
-    with pytest.raises(ValueError, match="only one value per channel"):
-        bn(torch.randn(8, 4, 2, 2), mask=mask)
+    with torch.no_grad():
+        bn.bias.copy_(torch.arange(4.0))
+    before = copy.deepcopy(bn.state_dict())
+    y = bn(torch.randn(8, 4, 2, 2), mask=mask)
+    assert torch.equal(y[3, :, 1, 0], bn.bias.detach())
+    assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items()) and int(bn.skipped_batches) == 0
 
 
 def test_state_dict_of_wrong_shape_names_layer_and_changes_nothing() -> None:
@@ -101,7 +107,7 @@ def test_state_dict_of_wrong_shape_names_layer_and_changes_nothing() -> None:
         ({"num_features": 4, "momentum": 0.99 + 1}, "weight of the NEW batch"),
         ({"num_features": 4, "eps": -1.0}, "eps must be > 0"),
         ({"num_features": 4, "virtual_batch_size": 0}, "virtual_batch_size must be a positive int"),
-        ({"num_features": 4, "on_nonfinite": "ignore"}, "on_nonfinite must be 'raise' or 'warn'"),
+        ({"num_features": 4, "on_nonfinite": "ignore"}, "on_nonfinite must be one of 'skip', 'raise', 'warn'"),
         ({"num_features": 4, "renorm": True, "track_running_stats": False}, "renorm needs running statistics"),
     ],
 )

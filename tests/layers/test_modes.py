@@ -219,6 +219,11 @@ def test_nonfinite_batch_never_poisons_running_stats(where: str) -> None:
     before = copy.deepcopy(bn.state_dict())
     bad = x.clone()
     bad[1, 2] = math.inf if where == "ghost" else math.nan
+    bn(bad)  # default on_nonfinite="skip": decided on the device, counted, nothing else changes
+    for key, value in bn.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert int(bn.skipped_batches) == 1 and "skipped_batches" not in bn.state_dict()
+    bn.on_nonfinite = "raise"
     with pytest.raises(FloatingPointError, match="not finite"):
         bn(bad)
     for key, value in bn.state_dict().items():

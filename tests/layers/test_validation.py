@@ -124,7 +124,7 @@ def _valid(setting: str, value: object) -> bool:
         return real and value > 0
     if setting == "virtual_batch_size":
         return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
-    return value in ("raise", "warn")
+    return value in ("skip", "raise", "warn")
 
 
 @settings(max_examples=150, deadline=None)

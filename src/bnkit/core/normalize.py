@@ -77,9 +77,9 @@ def renorm_correction(
     renorm_mean: Tensor,
     renorm_std: Tensor,
     eps: float,
-    rmin: float,
-    rmax: float,
-    dmax: float,
+    rmin: float | Tensor,
+    rmax: float | Tensor,
+    dmax: float | Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Batch Renormalization's ``(r, d)`` (Ioffe 2017), both without gradient.
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from bnkit.core.moments import Moments, batch_stats, channel_moments, ghost_moments, reduction_dims
 from bnkit.core.normalize import normalize, renorm_correction
-from bnkit.core.running import ema_update, keras_ema_update, momentum_factor, unbias
+from bnkit.core.running import ema_update, keras_ema_update, unbias
 from bnkit.layers.renorm import Renorm
 from bnkit.layers.validation import VALIDATED_SETTINGS, check_layer_state, check_setting
 
@@ -74,9 +74,20 @@ class BatchNorm(nn.Module):
     output has the input's dtype. Variances are computed stably (never ``E[x^2] - E[x]^2``).
 
     **Non-finite batches**: a batch whose statistics are NaN/Inf never reaches the running statistics. By default
-    (``on_nonfinite="raise"``) a layer with running statistics raises ``FloatingPointError`` when it would
-    update them; ``on_nonfinite="warn"`` warns, skips the update and returns the (non-finite) output. A layer
-    without running statistics has nothing to protect and behaves as ``torch.nn.BatchNorm``.
+    (``on_nonfinite="skip"``) the choice is made on the device, with no host sync: the running statistics keep
+    their values, ``num_batches_tracked`` does not move and the non-persistent counter ``skipped_batches``
+    (not in the state dict, so checkpoints stay ``torch.nn``-compatible) counts the batch; the output is returned
+    as computed. ``on_nonfinite="raise"`` raises ``FloatingPointError`` and ``"warn"`` warns; both read the
+    verdict on the host, **one device sync per layer per training step** (a pipeline stall on GPUs, and a graph
+    break under ``torch.compile``). A layer without running statistics has nothing to protect and behaves as
+    ``torch.nn.BatchNorm``.
+
+    **One forward path**: every call decides its mode once through :meth:`uses_batch_stats` and
+    :meth:`updates_running_stats` (what ``explain``/``doctor`` report), computes the output with torch's fused
+    kernel where that is exactly this layer's arithmetic (and bit-identical to ``torch.nn.BatchNorm``) or with the
+    general path otherwise (masks, ghost batches, renorm, Keras convention, mixed dtypes), and writes running
+    statistics in one place (:meth:`_commit`). No default forward reads a tensor on the host, so the layer works
+    under ``torch.compile(fullgraph=True)`` and ``torch.export`` in train and eval.
 
     Args:
         num_features: Number of channels ``C``.
@@ -91,7 +102,8 @@ class BatchNorm(nn.Module):
         renorm: Batch Renormalization settings (:class:`bnkit.Renorm`), ``True`` for the defaults, or ``None``.
         sync: Synchronise batch statistics across ``torch.distributed`` ranks in training.
         process_group: Process group for ``sync`` (default: the world).
-        on_nonfinite: ``"raise"`` or ``"warn"`` (warn and skip the update) for non-finite batch statistics.
+        on_nonfinite: ``"skip"`` (default: skip the update on the device, count it in ``skipped_batches``),
+            ``"raise"`` or ``"warn"`` (each one host sync per training step) for non-finite batch statistics.
         name: Name used in error messages; the model tools set it to the layer's qualified name.
 
     Example:
@@ -120,7 +132,7 @@ class BatchNorm(nn.Module):
         renorm: Renorm | bool | None = None,
         sync: bool = False,
         process_group: Any = None,
-        on_nonfinite: str = "raise",
+        on_nonfinite: str = "skip",
         name: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -179,6 +191,13 @@ class BatchNorm(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
+        # batches whose statistics were not finite and so left the running statistics alone; not persistent,
+        # so state dicts load strictly into and from torch.nn BatchNorm
+        self.register_buffer(
+            "skipped_batches",
+            torch.zeros((), dtype=torch.long, device=device) if track_running_stats else None,
+            persistent=False,
+        )
         if renorm is not None:
             self.register_buffer("running_std", torch.ones(num_features, **factory))
             self.register_buffer("renorm_mean", torch.zeros(num_features, **factory))
@@ -401,11 +420,12 @@ class BatchNorm(nn.Module):
         if self._seen_dim != x.ndim:
             self._seen_dim = x.ndim
         t = self._resolve(training)
-        use_batch = (t and not self.freeze_stats) or not self.track_running_stats
-        update = use_batch and self.track_running_stats
+        use_batch = self.uses_batch_stats(training)
+        update = self.updates_running_stats(training)
         # Synchronised statistics: training with batch statistics and more than one rank taking part.
         synced = use_batch and t and self.sync and self._sync_world() > 1
-        if use_batch and not synced:
+        if use_batch and not synced and mask is None:
+            # from shapes only (no host sync); a masked channel with one value is handled on the device
             self._check_values_per_channel(x, axis, mask)
         if not synced and self._native_ok(x, use_batch, mask):
             return self._forward_native(x, axis, use_batch)
@@ -469,7 +489,8 @@ class BatchNorm(nn.Module):
             return False
         if mask is not None or self.virtual_batch_size is not None or self.renorm is not None:
             return False
-        return self.keras_momentum is None and self.unbiased_running_var
+        # momentum=None needs 1 / num_batches_tracked as a Python float for the kernel (a host sync): general path
+        return self.keras_momentum is None and self.unbiased_running_var and self.momentum is not None
 
     def _affine(self) -> tuple[Tensor | None, Tensor | None]:
         if self._freeze_affine:
@@ -489,28 +510,34 @@ class BatchNorm(nn.Module):
             # Nothing to protect or update: exactly torch's call for a layer without running statistics.
             y = F.batch_norm(xc, None, None, weight, bias, True, 0.0, self.eps)
             return y if axis == 1 else y.movedim(1, axis)
-        # The kernel updates the buffers in place: keep one copy of both to undo a non-finite batch.
-        saved = torch.cat((self.running_mean, self.running_var))
-        self.num_batches_tracked.add_(1)
-        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        y = F.batch_norm(xc, self.running_mean, self.running_var, weight, bias, True, factor, self.eps)
-        # One reduction checks both buffers: a NaN or Inf in either makes the sum non-finite.
-        if not bool(torch.isfinite(self.running_mean + self.running_var).all()):
-            self.running_mean.copy_(saved[: self.num_features])
-            self.running_var.copy_(saved[self.num_features :])
-            self.num_batches_tracked.sub_(1)
-            self._nonfinite()
+        # The kernel updates the running statistics in place and keeps them for its backward: give it copies
+        # (bit-identical values to torch's own update) and commit them only when finite, on the device.
+        new_mean, new_var = self.running_mean.clone(), self.running_var.clone()
+        y = F.batch_norm(xc, new_mean, new_var, weight, bias, True, self.momentum, self.eps)
+        # One reduction checks both: a NaN or Inf in either makes the sum non-finite.
+        finite = torch.isfinite(new_mean + new_var).all()
+        self._verdict(finite)
+        self._commit({"running_mean": new_mean, "running_var": new_var}, finite)
         return y if axis == 1 else y.movedim(1, axis)
 
-    def _nonfinite(self) -> None:
+    def _verdict(self, finite: Tensor) -> None:
+        """``on_nonfinite="raise"``/``"warn"`` act on the host (one sync); the default ``"skip"`` reads nothing."""
+        if self.on_nonfinite == "skip" or bool(finite):
+            return
         message = (
             f"{self.label()}: batch statistics are not finite (NaN or Inf in the input or overflow); the "
             "running statistics were left unchanged. Check the input and the learning rate, or pass "
-            "on_nonfinite='warn' to skip such batches"
+            "on_nonfinite='skip' (the default) to skip such batches without a host sync"
         )
         if self.on_nonfinite == "raise":
             raise FloatingPointError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _finite(self, mean: Tensor, var: Tensor) -> Tensor:
+        """A 0-dim bool tensor on the device: are the batch statistics finite? (Acts per ``on_nonfinite``.)"""
+        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        self._verdict(finite)
+        return finite
 
     def _forward_general(
         self, x: Tensor, axis: int, t: bool, use_batch: bool, update: bool, mask: Tensor | None, synced: bool
@@ -536,25 +563,27 @@ class BatchNorm(nn.Module):
         if synced:
             stats = self._sync(stats)
         count = stats.count
-        if mask is not None or synced:
-            n = float(count.max()) if count.ndim else float(count)
+        if synced:
+            n = float(count.max()) if count.ndim else float(count)  # after the collective: no extra stall
             if n == 1:
                 self._raise_single_value(tuple(x.shape))
-            empty = n == 0
-        else:
-            empty = x.numel() == 0
         mean = stats.mean
         var = stats.m2 / count.clamp_min(1)
-        if empty:
-            # Nothing to normalise with: keep the graph, produce finite output, leave the buffers alone.
+        # A channel with no value (fully masked, empty batch) has nothing to normalise with: zero mean, unit
+        # variance keep the output finite. One value per channel gives beta, as Keras does; neither updates the
+        # running statistics (decided on the device, no host sync) nor counts as a skipped batch.
+        present = (count > 1).all() if count.ndim else count > 1
+        mean = torch.where(count > 0, mean, torch.zeros_like(mean))
+        var = torch.where(count > 0, var, torch.ones_like(var))
+        if xf.numel() == 0:
             return normalize(xf, mean, var, weight, bias, self.eps, axis).to(x.dtype)
-        if (update or t) and not self._finite(mean, var):
-            update = False  # on_nonfinite="warn": skip the update, return the output as computed
+        finite = self._finite(mean, var) if (update or t) else None
         if self.renorm is not None and (update or t):
-            return self._forward_renorm(xf, axis, mean, var, count, weight, bias, update).to(x.dtype)
+            return self._forward_renorm(xf, axis, mean, var, count, weight, bias, update, finite, present).to(x.dtype)
         y = normalize(xf, mean, var, weight, bias, self.eps, axis)
         if update:
-            self._update_running(mean.detach(), var.detach(), count)
+            assert finite is not None
+            self._update_running(mean.detach(), var.detach(), count, finite, present)
         return y.to(x.dtype)
 
     def _forward_kernel(
@@ -564,25 +593,19 @@ class BatchNorm(nn.Module):
         without gradient; the output and its gradient from torch's fused training kernel."""
         xc = xf if axis == 1 else xf.movedim(axis, 1)
         mean, var = batch_stats(xc)
-        if (update or t) and not self._finite(mean, var):
-            update = False  # on_nonfinite="warn": skip the update, return the output as computed
+        finite = self._finite(mean, var) if (update or t) else None
         count = float(xc.numel() // xc.shape[1])
         if self.renorm is not None:
             # r and d carry no gradient, so the fused kernel's batch-statistics gradient stays exact.
             weight, bias = self._renorm_affine(mean, var, weight, bias)
         y = F.batch_norm(xc, None, None, weight, bias, True, 0.0, self.eps)
-        if update and self.renorm is not None:
-            self._update_renorm(mean, var, count)
-        elif update:
-            self._update_running(mean, var, count)
+        if update:
+            assert finite is not None
+            if self.renorm is not None:
+                self._update_renorm(mean, var, count, finite)
+            else:
+                self._update_running(mean, var, count, finite)
         return y if axis == 1 else y.movedim(1, axis)
-
-    def _finite(self, mean: Tensor, var: Tensor) -> bool:
-        """True when the statistics are finite; otherwise raises or warns per ``on_nonfinite``."""
-        if bool(torch.isfinite(torch.cat([mean, var])).all()):
-            return True
-        self._nonfinite()
-        return False
 
     def _forward_ghost(
         self,
@@ -629,9 +652,10 @@ class BatchNorm(nn.Module):
             cshape = [1] * (xf.ndim + 1)
             cshape[axis + 1] = self.num_features
             y = y + bias.reshape(cshape)
-        if update and self._finite(mean, var):
+        if update:
             group_var = unbias(var, count) if self.unbiased_running_var else var
-            self._commit_running(mean.detach().mean(0), group_var.detach().mean(0))
+            finite = self._finite(mean, var)
+            self._commit_running(mean.detach().mean(0), group_var.detach().mean(0), finite)
         return y.reshape(xf.shape)
 
     def _forward_renorm(
@@ -644,11 +668,14 @@ class BatchNorm(nn.Module):
         weight: Tensor | None,
         bias: Tensor | None,
         update: bool,
+        finite: Tensor | None,
+        present: Tensor,
     ) -> Tensor:
         eff_weight, eff_bias = self._renorm_affine(mean.detach(), var.detach(), weight, bias)
         y = normalize(xf, mean, var, eff_weight, eff_bias, self.eps, axis)
         if update:
-            self._update_renorm(mean.detach(), var.detach(), count)
+            assert finite is not None
+            self._update_renorm(mean.detach(), var.detach(), count, finite, present)
         return y
 
     def _renorm_affine(
@@ -660,13 +687,15 @@ class BatchNorm(nn.Module):
         """
         renorm = self.renorm
         assert renorm is not None
-        rmin, rmax, dmax = renorm.bounds(int(self.num_batches_tracked))
+        rmin, rmax, dmax = renorm.bounds_at(self.num_batches_tracked, mean.dtype)  # on the device: no host sync
         r, d = renorm_correction(mean, var, self.renorm_mean, self.renorm_std, self.eps, rmin, rmax, dmax)
         eff_weight, eff_bias = (r, d) if weight is None else (r * weight, d * weight)
         return eff_weight, eff_bias if bias is None else eff_bias + bias
 
     @torch.no_grad()
-    def _update_renorm(self, mean: Tensor, var: Tensor, count: Tensor | float) -> None:
+    def _update_renorm(
+        self, mean: Tensor, var: Tensor, count: Tensor | float, finite: Tensor, present: Tensor | None = None
+    ) -> None:
         """Keras's renorm bookkeeping: renorm_mean/std with the renorm momentum, running mean/std with the
         layer's, and ``running_var = relu(running_std**2 - eps)``."""
         renorm = self.renorm
@@ -681,34 +710,61 @@ class BatchNorm(nn.Module):
         else:
             new_rmean = ema_update(self.renorm_mean, mean.to(rdt), renorm.momentum)
             new_rstd = ema_update(self.renorm_std, batch_std.to(rdt), renorm.momentum)
-        self.num_batches_tracked.add_(1)
         new_mean = self._ema(self.running_mean, mean)
         new_std = self._ema(self.running_std, running_std)
-        self.renorm_mean.copy_(new_rmean)
-        self.renorm_std.copy_(new_rstd)
-        self.running_mean.copy_(new_mean)
-        self.running_std.copy_(new_std)
-        self.running_var.copy_(torch.relu(new_std * new_std - self.eps))
+        updates = {
+            "renorm_mean": new_rmean,
+            "renorm_std": new_rstd,
+            "running_mean": new_mean,
+            "running_std": new_std,
+            "running_var": torch.relu(new_std * new_std - self.eps),
+        }
+        self._commit(updates, finite, present)
 
     def _ema(self, running: Tensor, batch: Tensor) -> Tensor:
         batch = batch.to(running.dtype)
         if self.keras_momentum is not None:
             return keras_ema_update(running, batch, self.keras_momentum)
-        # Reading num_batches_tracked is a device sync; only the cumulative average (momentum=None) needs it.
-        tracked = int(self.num_batches_tracked) if self.momentum is None else 0
-        return ema_update(running, batch, momentum_factor(self.momentum, tracked))
+        if self.momentum is None:
+            # the cumulative average's weight 1 / (batches so far, this one included), on the device
+            factor = 1.0 / (self.num_batches_tracked + 1).to(torch.float64)
+            return ema_update(running, batch, factor.to(running.dtype))
+        return ema_update(running, batch, self.momentum)
 
-    def _update_running(self, mean: Tensor, var_biased: Tensor, count: Tensor | float) -> None:
+    def _update_running(
+        self, mean: Tensor, var_biased: Tensor, count: Tensor | float, finite: Tensor, present: Tensor | None = None
+    ) -> None:
         var = unbias(var_biased, count) if self.unbiased_running_var else var_biased
-        self._commit_running(mean, var)
+        self._commit_running(mean, var, finite, present)
+
+    def _commit_running(self, mean: Tensor, var: Tensor, finite: Tensor, present: Tensor | None = None) -> None:
+        new = {"running_mean": self._ema(self.running_mean, mean), "running_var": self._ema(self.running_var, var)}
+        self._commit(new, finite, present)
 
     @torch.no_grad()
-    def _commit_running(self, mean: Tensor, var: Tensor) -> None:
-        self.num_batches_tracked.add_(1)
-        new_mean = self._ema(self.running_mean, mean)
-        new_var = self._ema(self.running_var, var)
-        self.running_mean.copy_(new_mean)
-        self.running_var.copy_(new_var)
+    def _commit(self, updates: dict[str, Tensor], finite: Tensor, present: Tensor | None = None) -> None:
+        """The one place a batch's running statistics are written, on the device.
+
+        ``finite`` (0-dim bool) false: nothing changes but ``skipped_batches``. ``present`` false (a batch with
+        fewer than two values in a channel): nothing changes at all.
+        """
+        if present is not None and not isinstance(present, Tensor):  # counts known from shapes
+            present = torch.tensor(bool(present), device=finite.device)
+        take = finite if present is None else finite & present
+        self._select(updates, take)
+        self._count(finite if present is None else finite | ~present, present)
+
+    @torch.no_grad()
+    def _select(self, updates: dict[str, Tensor], take: Tensor) -> None:
+        for name, value in updates.items():
+            buffer = getattr(self, name)
+            buffer.copy_(torch.where(take, value.to(buffer.dtype), buffer))
+
+    @torch.no_grad()
+    def _count(self, finite: Tensor, present: Tensor | None = None) -> None:
+        counted = finite if present is None else finite & present
+        self.num_batches_tracked.add_(counted.to(self.num_batches_tracked.dtype))
+        self.skipped_batches.add_((~finite).to(self.skipped_batches.dtype))
 
     # ------------------------------------------------------------------ distributed
 
@@ -733,8 +789,9 @@ class BatchNorm(nn.Module):
             return y  # every rank's batch is empty: nothing to normalise with, buffers left alone
         # m2 is finite exactly when the variance is (n >= 2). The merged moments are float64: the running
         # variance is m2 / n or m2 / (n - 1) in one rounding.
-        if self._finite(stats.mean, stats.m2) and update:
-            self._commit_running(stats.mean, stats.m2 / (n - 1 if self.unbiased_running_var else n))
+        if update:
+            finite = self._finite(stats.mean, stats.m2)
+            self._commit_running(stats.mean, stats.m2 / (n - 1 if self.unbiased_running_var else n), finite)
         return y
 
     def _sync(self, stats: Moments) -> Moments:

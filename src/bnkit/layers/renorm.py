@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 __all__ = ["Renorm"]
 
 
@@ -99,6 +102,30 @@ class Renorm:
             momentum=1.0 - float(renorm_momentum),
             keras_momentum=float(renorm_momentum),
         )
+
+    def bounds_at(self, step: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`bounds` for a step held in a tensor (``num_batches_tracked``), computed on its device.
+
+        The same arithmetic as :meth:`bounds` in float64, so the layer never reads the step on the host (no
+        device sync, no graph break under ``torch.compile``).
+
+        Example:
+            >>> r = Renorm(rmax=3.0, dmax=4.0, rmax_ramp_steps=2, dmax_ramp_steps=4)
+            >>> [round(float(v), 6) for v in r.bounds_at(torch.tensor(0))] == list(r.bounds(0))
+            True
+        """
+        step64 = step.to(torch.float64)
+        done = step64 - self.warmup_steps + 1
+        one = torch.ones_like(step64)
+        r_frac = one if self.rmax_ramp_steps == 0 else torch.clamp(done / self.rmax_ramp_steps, max=1.0)
+        d_frac = one if self.dmax_ramp_steps == 0 else torch.clamp(done / self.dmax_ramp_steps, max=1.0)
+        r_full, d_full = r_frac >= 1.0, d_frac >= 1.0
+        rmax = torch.where(r_full, self.rmax, 1.0 + (self.rmax - 1.0) * r_frac)
+        dmax = torch.where(d_full, self.dmax, self.dmax * d_frac)
+        rmin = 1.0 / rmax if self.rmin is None else torch.where(r_full, self.rmin, 1.0 - (1.0 - self.rmin) * r_frac)
+        warm = step64 < self.warmup_steps
+        rmin, rmax, dmax = torch.where(warm, 1.0, rmin), torch.where(warm, 1.0, rmax), torch.where(warm, 0.0, dmax)
+        return rmin.to(dtype), rmax.to(dtype), dmax.to(dtype)
 
     def bounds(self, step: int) -> tuple[float, float, float]:
         """``(rmin, rmax, dmax)`` in force at training step ``step`` (0-based).

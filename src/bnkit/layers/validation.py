@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["NONFINITE_POLICIES", "VALIDATED_SETTINGS", "check_layer_state", "check_setting"]
 
-NONFINITE_POLICIES = ("raise", "warn")
+NONFINITE_POLICIES = ("skip", "raise", "warn")
 VALIDATED_SETTINGS = frozenset({"eps", "momentum", "keras_momentum", "virtual_batch_size", "on_nonfinite"})
 # entries a layer fills in itself when a checkpoint lacks them (old checkpoints, a plain BN loaded into renorm)
 _DERIVED = frozenset({"num_batches_tracked", "running_std", "renorm_mean", "renorm_std"})
@@ -72,8 +72,8 @@ def check_setting(label: str, name: str, value: Any) -> Any:
         return value
     if name == "on_nonfinite":
         if value not in NONFINITE_POLICIES:
-            choices = " or ".join(repr(p) for p in NONFINITE_POLICIES)
-            raise ValueError(f"{label}: on_nonfinite must be {choices}. Received: {value!r}")
+            choices = ", ".join(repr(p) for p in NONFINITE_POLICIES)
+            raise ValueError(f"{label}: on_nonfinite must be one of {choices}. Received: {value!r}")
         return value
     raise KeyError(name)
 
