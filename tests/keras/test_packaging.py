@@ -41,7 +41,8 @@ def test_import_bnkit_keras_never_imports_torch_or_keras_early() -> None:
         "assert 'keras' not in sys.modules, 'bnkit.keras imported keras at import time'\n"
         "import keras\n"
         "m = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(name='bn')])\n"
-        "bnkit.keras.summary(m); bnkit.keras.freeze(m); bnkit.keras.unfreeze(m)\n"
+        "bnkit.keras.summary(m); bnkit.keras.explain(m); bnkit.keras.doctor(m)\n"
+        "bnkit.keras.freeze(m); bnkit.keras.unfreeze(m)\n"
         "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if k.startswith('torch'))[:5]\n"
         "print('ok')\n"
     )

@@ -31,7 +31,7 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,101 +45,16 @@ from bnkit.inspection._common import (
     mode_in,
     never_updated,
 )
-from bnkit.inspection._table import RowList
 from bnkit.layers.find import named_batchnorms
+from bnkit.shared.diagnosis import MIN_BATCH, SEVERITIES, Diagnosis, Finding
 from bnkit.tools._common import affine_params, call_with_example, check_model, eval_run, first_line
 
 __all__ = ["RULES", "SEVERITIES", "Diagnosis", "Finding", "doctor"]
-
-#: Severities, most serious first.
-SEVERITIES = ("error", "warning", "info")
-
-#: Smallest per-device batch that gives usable BN statistics (GroupNorm paper: ResNet-50 top-1 error 23.6% at 32
-#: images per GPU, 24.8% at 8, 27.3% at 4, 34.7% at 2).
-MIN_BATCH = 8
 
 #: A PyTorch-convention momentum in this closed range looks like a Keras momentum copied unchanged.
 KERAS_LIKE_MOMENTUM = (0.9, 1.0)
 
 _INTENTS = (None, "inference", "training", "fine-tune")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One problem found by :func:`doctor`.
-
-    Attributes:
-        code: Stable rule code (``"BN001"`` ...); see the module docstring.
-        severity: ``"error"``, ``"warning"`` or ``"info"``.
-        layer: Qualified name of the layer concerned (``""`` for the model itself).
-        message: What is wrong, with the values found.
-        fix: A concrete fix.
-
-    Example:
-        >>> f = doctor(nn.Sequential(nn.BatchNorm1d(2, momentum=0.99)))[0]
-        >>> f.code, f.severity, f.layer
-        ('BN001', 'error', '0')
-    """
-
-    code: str
-    severity: str
-    layer: str
-    message: str
-    fix: str
-
-    def to_dict(self) -> dict[str, str]:
-        """Plain data (JSON-ready).
-
-        Example:
-            >>> Finding("BN001", "error", "bn", "m", "f").to_dict()["code"]
-            'BN001'
-        """
-        return asdict(self)
-
-
-class Diagnosis(RowList):
-    """A list of :class:`Finding` that prints as a table and converts to dicts or JSON.
-
-    Example:
-        >>> d = doctor(nn.Sequential(nn.BatchNorm1d(2)), intent="training")
-        >>> len(d), str(d)
-        (0, 'no problems found')
-        >>> doctor(nn.BatchNorm1d(2, momentum=0.9)).to_dicts()[0]["severity"]
-        'error'
-    """
-
-    columns = ("code", "severity", "layer", "problem", "fix")
-    empty = "no problems found"
-
-    def codes(self) -> list[str]:
-        """The codes found, in order, each once.
-
-        Example:
-            >>> doctor(nn.BatchNorm1d(2, momentum=0.9)).codes()
-            ['BN001']
-        """
-        return list(dict.fromkeys(f.code for f in self))
-
-    def worst(self) -> str | None:
-        """The most serious severity found, or None when there is no finding.
-
-        Example:
-            >>> doctor(nn.BatchNorm1d(2, momentum=0.9)).worst()
-            'error'
-        """
-        for severity in SEVERITIES:
-            if any(f.severity == severity for f in self):
-                return severity
-        return None
-
-    def rows(self) -> list[list[str]]:
-        """Table rows matching :attr:`columns`.
-
-        Example:
-            >>> doctor(nn.BatchNorm1d(2, momentum=0.9)).rows()[0][:3]
-            ['BN001', 'error', '(model)']
-        """
-        return [[f.code, f.severity, f.layer or "(model)", f.message, f.fix] for f in self]
 
 
 @dataclass

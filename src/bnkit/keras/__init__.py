@@ -14,14 +14,20 @@ from __future__ import annotations
 
 from bnkit import _lazy
 
-# public name -> module that defines it
+# public name -> module that defines it. Module names differ from the function names on purpose: importing a
+# submodule called ``explain`` would replace the function ``bnkit.keras.explain`` with the module.
 _EXPORTS: dict[str, str] = {
     "BatchNormalization": "bnkit.keras.layer",
     "named_batchnorms": "bnkit.keras.find",
-    "summary": "bnkit.keras.summary",
-    "freeze": "bnkit.keras.freeze",
-    "unfreeze": "bnkit.keras.freeze",
-    "KerasFreezeReport": "bnkit.keras.freeze",
+    "summary": "bnkit.keras.accounting",
+    "explain": "bnkit.keras.explanation",
+    "KerasExplanation": "bnkit.keras.explanation",
+    "doctor": "bnkit.keras.diagnosis",
+    "freeze": "bnkit.keras.freezing",
+    "unfreeze": "bnkit.keras.freezing",
+    "KerasFreezeReport": "bnkit.keras.freezing",
+    "recalibrate": "bnkit.keras.recalibration",
+    "KerasRecalibrationReport": "bnkit.keras.recalibration",
 }
 
 __all__ = sorted(_EXPORTS)

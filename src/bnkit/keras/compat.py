@@ -174,3 +174,73 @@ def recompile_consequence() -> str:
     """
     name = backend()
     return RECOMPILE_CONSEQUENCE.get(name, f"on {name} fit() may keep using the old trainable set")
+
+
+def compiled_trainable_state(model: Any) -> dict[int, bool] | None:
+    """``id(layer) -> trainable`` as it was when ``model.compile()`` last ran, or None when unknown.
+
+    Keras 3 keeps this in the private ``_compiled_trainable_state``; read only here.
+
+    Example:
+        >>> keras = import_keras()
+        >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> compiled_trainable_state(m) is None
+        True
+    """
+    if not is_compiled(model):
+        return None
+    state = getattr(model, "_compiled_trainable_state", None)
+    if not isinstance(state, dict):
+        return None
+    return {id(layer): bool(flag) for layer, flag in state.items()}
+
+
+def to_numpy(variable: Any) -> Any:
+    """A NumPy copy of a Keras variable or tensor on any backend.
+
+    Example:
+        >>> to_numpy(import_keras().Variable([1.0, 2.0])).tolist()
+        [1.0, 2.0]
+    """
+    import numpy as np
+
+    return np.array(import_keras().ops.convert_to_numpy(variable), copy=True)
+
+
+def producers(layer: Any) -> list[Any]:
+    """The layers whose outputs feed ``layer`` in the graphs it was called in (functional and Sequential models).
+
+    Reads each node's input tensors' ``_keras_history`` (private; empty list when absent).
+
+    Example:
+        >>> keras = import_keras()
+        >>> dense = keras.layers.Dense(2, name="fc"); bn = keras.layers.BatchNormalization()
+        >>> m = keras.Sequential([keras.Input((3,)), dense, bn])
+        >>> [p.name for p in producers(bn)]
+        ['fc']
+    """
+    found: list[Any] = []
+    for node in getattr(layer, "_inbound_nodes", None) or []:
+        arguments = getattr(node, "arguments", None)
+        for tensor in getattr(arguments, "keras_tensors", None) or []:
+            history = getattr(tensor, "_keras_history", None)
+            operation = getattr(history, "operation", None)
+            if operation is not None and all(operation is not p for p in found):
+                found.append(operation)
+    return found
+
+
+def optimizer_steps(model: Any) -> int | None:
+    """Training steps the model's optimizer has taken (``optimizer.iterations``), or None without an optimizer.
+
+    Example:
+        >>> keras = import_keras()
+        >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> optimizer_steps(m) is None
+        True
+    """
+    optimizer = getattr(model, "optimizer", None)
+    iterations = getattr(optimizer, "iterations", None)
+    if iterations is None:
+        return None
+    return int(to_numpy(iterations))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from bnkit.keras import compat
 from bnkit.shared.selection import Selector, check_selector, matches
 
-__all__ = ["Found", "named_batchnorms", "select_batchnorms", "walk"]
+__all__ = ["Found", "named_batchnorms", "recorded_training", "select_batchnorms", "trains_in_fit", "walk"]
 
 
 @dataclass
@@ -107,3 +108,33 @@ def check_model(model: Any, tool: str) -> None:
     keras = compat.import_keras()
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"bnkit.keras.{tool}: expected a Keras 3 model or layer, got {type(model).__name__}")
+
+
+def trains_in_fit(item: Found) -> bool:
+    """Whether the layer uses batch statistics under ``fit()``: it and every container above it are trainable and
+    it is not a bnkit layer with ``freeze_stats``.
+
+    Example:
+        >>> keras = compat.import_keras()
+        >>> trains_in_fit(Found("bn", keras.layers.BatchNormalization(), []))
+        True
+    """
+    chain = [*item.ancestors, item.layer]
+    return all(c.trainable for c in chain) and not getattr(item.layer, "freeze_stats", False)
+
+
+def recorded_training(item: Found) -> bool | None:
+    """The ``training=`` recorded at construction on the path to the layer (the outermost wins), or None.
+
+    Example:
+        >>> keras = compat.import_keras()
+        >>> inp = keras.Input((2,)); bn = keras.layers.BatchNormalization(name="bn")
+        >>> m = keras.Model(inp, bn(inp, training=False))
+        >>> [recorded_training(f) for f in walk(m)]
+        [False]
+    """
+    for outer, inner in itertools.pairwise([*item.ancestors, item.layer]):
+        recorded = compat.construction_training(outer, inner)
+        if recorded is not None:
+            return recorded
+    return None

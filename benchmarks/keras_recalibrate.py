@@ -1,0 +1,60 @@
+"""Benchmark: ``bnkit.keras.recalibrate`` over K batches vs ``model.predict`` over the same batches.
+
+The ratio is the cost of exact recalibration over the floor (inference on the same data). Target: <= 1.25.
+Model: ``keras.applications.MobileNetV2(alpha=0.35, input_shape=(96, 96, 3), weights=None)`` (52 BN layers).
+Reports wall-clock medians of interleaved repeats, on the backend given by ``KERAS_BACKEND``
+(``--backend`` sets it before Keras is imported).
+
+Run: ``python benchmarks/keras_recalibrate.py --backend jax`` (quick: about a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=("tensorflow", "jax", "torch"), default=None)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend
+
+    import keras
+    import numpy as np
+
+    import bnkit.keras as bk
+
+    model = keras.applications.MobileNetV2(alpha=0.35, input_shape=(96, 96, 3), weights=None)
+    rng = np.random.default_rng(0)
+    x = rng.random((args.batches * args.batch_size, 96, 96, 3), dtype=np.float32)
+    batches = [x[i : i + args.batch_size] for i in range(0, len(x), args.batch_size)]
+
+    def predict() -> None:
+        model.predict(x, batch_size=args.batch_size, verbose=0)
+
+    def recalibrate() -> None:
+        bk.recalibrate(model, batches)
+
+    predict()
+    recalibrate()  # warm-up: compile/trace both paths once
+    times: dict[str, list[float]] = {"predict": [], "recalibrate": []}
+    for _ in range(args.repeats):
+        for name, fn in (("predict", predict), ("recalibrate", recalibrate)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    p, r = statistics.median(times["predict"]), statistics.median(times["recalibrate"])
+    print(f"backend {keras.backend.backend()}: MobileNetV2(alpha=0.35, 96x96), {args.batches} x {args.batch_size}")
+    print(f"predict      {p:8.3f} s")
+    print(f"recalibrate  {r:8.3f} s   ratio {r / p:.2f} (target <= 1.25)")
+
+
+if __name__ == "__main__":
+    main()
