@@ -125,3 +125,21 @@ def test_fused_model_compiles_and_exports() -> None:
     expected = fused(x)
     torch.testing.assert_close(torch.compile(fused, fullgraph=True, backend="aot_eager")(x), expected)
     torch.testing.assert_close(torch.export.export(fused, (x,)).module()(x), expected)
+
+
+def test_jit_script_refuses_in_one_line_pointing_to_export() -> None:
+    with pytest.raises(RuntimeError, match=r"^bn1: bnkit.BatchNorm is not TorchScript-able: use torch.export") as info:
+        torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 1), bnkit.BatchNorm(4, name="bn1")))
+    assert "\n" not in str(info.value)
+
+
+def test_jit_script_of_a_frozen_torch_model_refuses_naming_the_layer_and_works_after_unfreeze() -> None:
+    model = _small_net()[:3]
+    bnkit.freeze(model)
+    with pytest.raises(RuntimeError, match=r"layer '1' is frozen with forward hooks.*torch.export.export") as info:
+        torch.jit.script(model)
+    assert "\n" not in str(info.value)
+    assert isinstance(model[1], nn.BatchNorm2d)  # the refusal left the model as it was
+    bnkit.unfreeze(model)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(torch.jit.script(model.eval())(x), model(x))

@@ -81,7 +81,12 @@ def test_torch_bnkit_torch_round_trip_is_exact(mode: str) -> None:
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
     assert_models_equal(original, back)
     for key, value in original.state_dict().items():
-        assert torch.equal(value, as_bnkit.state_dict()[key]), key
+        if key.startswith("bn1.running"):
+            # momentum=None: torch reads num_batches_tracked on the host (a sync) to form 1/n in double; bnkit
+            # forms it on the device in float32 (no sync), which can differ in the last bit
+            torch.testing.assert_close(value, as_bnkit.state_dict()[key], rtol=2e-7, atol=0)
+        else:
+            assert torch.equal(value, as_bnkit.state_dict()[key]), key
 
 
 def test_bnkit_names_are_the_qualified_names() -> None:

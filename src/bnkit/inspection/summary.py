@@ -14,7 +14,8 @@ Keras style:
     * total = trainable + non-trainable.
 
 PyTorch style: parameters (all), trainable parameters (``requires_grad=True``), buffers (every element of every
-buffer, ``num_batches_tracked`` included). Tensors shared between modules are counted once, where first met.
+buffer in the state dict, ``num_batches_tracked`` included; non-persistent ones such as ``skipped_batches`` are
+not saved and not counted). Tensors shared between modules are counted once, where first met.
 """
 
 from __future__ import annotations
@@ -74,7 +75,11 @@ def summary(model: nn.Module, input_size: Sequence[int] | Sequence[Sequence[int]
     seen: set[int] = set()
     for name, module in model.named_modules():
         own_params = [p for _, p in module.named_parameters(recurse=False) if id(p) not in seen]
-        own_buffers = [b for _, b in module.named_buffers(recurse=False) if id(b) not in seen]
+        own_buffers = [
+            b
+            for name, b in module.named_buffers(recurse=False)
+            if id(b) not in seen and name not in module._non_persistent_buffers_set  # bnkit's skipped_batches
+        ]
         seen.update(id(t) for t in (*own_params, *own_buffers))
         is_leaf = next(iter(module.children()), None) is None
         if not (own_params or own_buffers or is_leaf):

@@ -311,6 +311,24 @@ class BatchNorm(nn.Module):
             value = check_setting(self.label() if "name" in self.__dict__ else "BatchNorm", name, value)
         super().__setattr__(name, value)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this first: refuse in one line that points to what works.
+
+        The layer's Python-level options (per-call ``training=``, masks, settings validated on assignment) are
+        outside TorchScript, which torch 2.x deprecates; ``torch.export`` and ``torch.compile`` take it whole.
+
+        Example:
+            >>> try:
+            ...     torch.jit.script(BatchNorm(2, name="bn1"))
+            ... except RuntimeError as error:
+            ...     print(str(error)[:44])
+            bn1: bnkit.BatchNorm is not TorchScript-able
+        """
+        raise RuntimeError(
+            f"{self.label()}: bnkit.BatchNorm is not TorchScript-able: use torch.export.export(model, args) or "
+            "torch.compile(model); for a TorchScript file convert first with bnkit.convert(model, 'torch')"
+        )
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``, all-or-nothing: every entry is checked before any is copied.
 

@@ -111,6 +111,22 @@ class _FrozenStatsPostHook:
             self.pre.saved = None
 
 
+class _NotScriptable:
+    """Set as ``__prepare_scriptable__`` on a torch BatchNorm frozen with hooks: ``torch.jit.script`` calls it
+    before compiling, so the refusal is one line naming the layer instead of TorchScript's error about the hook
+    object (TorchScript cannot compile Python hooks). A class, not a closure, so frozen models still pickle."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self) -> nn.Module:
+        raise RuntimeError(
+            f"bnkit.freeze: layer {self.name!r} is frozen with forward hooks, which torch.jit.script cannot compile "
+            "(TorchScript is deprecated in torch 2.x): use torch.export.export(model, args) or "
+            "torch.compile(model), or bnkit.fuse(model.eval()) for deployment"
+        )
+
+
 _HOOK_DICTS = (
     "_forward_pre_hooks",
     "_forward_hooks",
@@ -200,7 +216,7 @@ def is_frozen_affine(module: nn.Module) -> bool:
     return bool(params) and not any(p.requires_grad for p in params)
 
 
-def _set_stats(module: nn.Module, frozen: bool) -> bool:
+def _set_stats(module: nn.Module, frozen: bool, name: str = "") -> bool:
     """Put the statistics switch in the requested state; True when something changed."""
     if is_bnkit_batchnorm(module):
         if bool(module.freeze_stats) == frozen:
@@ -215,12 +231,14 @@ def _set_stats(module: nn.Module, frozen: bool) -> bool:
         # Prepended so later pre-hooks (monitors, user hooks) already see the effective mode.
         module.register_forward_pre_hook(pre, prepend=True)
         module.register_forward_hook(_FrozenStatsPostHook(pre), always_call=True)
+        module.__dict__["__prepare_scriptable__"] = _NotScriptable(name or type(module).__name__)
         return True
     if not hooks:
         return False
     for hooks_dict, key in hooks:
         del hooks_dict[key]
         module._forward_hooks_always_called.pop(key, None)
+    module.__dict__.pop("__prepare_scriptable__", None)
     return True
 
 
@@ -269,7 +287,7 @@ def _apply(model: nn.Module, stats: bool, affine: bool, layers: LayerSelector, f
     changed: list[str] = []
     unchanged: list[str] = []
     for name, module, do_stats, do_affine in plan:
-        stats_changed = _set_stats(module, frozen) if do_stats else False
+        stats_changed = _set_stats(module, frozen, name) if do_stats else False
         affine_changed = _set_affine(module, frozen) if do_affine else False
         (changed if stats_changed or affine_changed else unchanged).append(name)
     return FreezeReport(tuple(changed), tuple(unchanged), skipped)
