@@ -433,9 +433,14 @@ def _stats_model() -> nn.Module:
     )
 
 
+def _stat_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    # the state-dict buffers: bnkit's non-persistent skipped_batches counter is a rank-local diagnostic
+    return [(n, b) for n, b in model.named_buffers() if not n.endswith("skipped_batches")]
+
+
 def _fill_rank_stats(model: nn.Module, rank: int) -> None:
     with torch.no_grad():
-        for i, (name, buf) in enumerate(model.named_buffers()):
+        for i, (name, buf) in enumerate(_stat_buffers(model)):
             if name.endswith("num_batches_tracked"):
                 buf.fill_(10 * rank + i)
             else:
@@ -451,7 +456,8 @@ def sync_running_stats_reduce_and_broadcast(rank: int, world: int) -> None:
     _fill_rank_stats(model.module, rank)
     names = bnkit.sync_running_stats(model, mode="reduce")
     assert names == ["module.0", "module.1", "module.3"], names
-    for (name, buf), *theirs in zip(model.module.named_buffers(), *(m.buffers() for m in expected), strict=True):
+    others = ([b for _, b in _stat_buffers(m)] for m in expected)
+    for (name, buf), *theirs in zip(_stat_buffers(model.module), *others, strict=True):
         if name.endswith("num_batches_tracked"):
             assert int(buf) == int(theirs[rank]), name  # left alone
             continue
@@ -462,7 +468,7 @@ def sync_running_stats_reduce_and_broadcast(rank: int, world: int) -> None:
     close(renormed.running_var, torch.relu(renormed.running_std**2 - renormed.eps), "renorm invariant")
     _fill_rank_stats(model.module, rank)
     bnkit.sync_running_stats(model.module, mode="broadcast")
-    for (name, buf), theirs in zip(model.module.named_buffers(), expected[0].buffers(), strict=True):
+    for (name, buf), (_, theirs) in zip(_stat_buffers(model.module), _stat_buffers(expected[0]), strict=True):
         assert torch.equal(buf, theirs), f"broadcast {name}"
 
 
@@ -492,7 +498,7 @@ def sync_running_stats_nonfinite_raises_on_every_rank_and_changes_nothing(rank: 
     if rank == world - 1:
         with torch.no_grad():
             model[0].running_var[1] = float("nan")
-    before = [b.clone() for b in model.buffers()]
+    before = [b.clone() for _, b in _stat_buffers(model)]
     try:
         bnkit.sync_running_stats(model, mode="reduce")
     except ValueError as error:
@@ -500,7 +506,8 @@ def sync_running_stats_nonfinite_raises_on_every_rank_and_changes_nothing(rank: 
     else:
         raise AssertionError("NaN running statistics were averaged into every rank")
     assert all(
-        torch.equal(a, b) or (a.isnan() == b.isnan()).all() for a, b in zip(model.buffers(), before, strict=True)
+        torch.equal(a, b) or (a.isnan() == b.isnan()).all()
+        for a, b in zip([b for _, b in _stat_buffers(model)], before, strict=True)
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -48,6 +48,6 @@ def test_subset_passes_under_the_other_backends(backend) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=280,
     )
     assert result.returncode == 0, f"KERAS_BACKEND={backend}:\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}"

@@ -593,7 +593,7 @@ class BatchNorm(nn.Module):
         present = (count > 1).all() if count.ndim else count > 1
         mean = torch.where(count > 0, mean, torch.zeros_like(mean))
         var = torch.where(count > 0, var, torch.ones_like(var))
-        if xf.numel() == 0:
+        if xf.numel() == 0 and not synced:  # a synchronised empty rank still commits the global statistics
             return normalize(xf, mean, var, weight, bias, self.eps, axis).to(x.dtype)
         finite = self._finite(mean, var) if (update or t) else None
         if self.renorm is not None and (update or t):

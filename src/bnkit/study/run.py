@@ -208,7 +208,26 @@ class _Progress:
 def _can_fork() -> bool:
     # fork, as torch's DataLoader workers do (each task then runs single-threaded); spawn and forkserver would
     # re-import the caller's __main__, which breaks `python -m bnkit` and scripts without a main guard
-    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    if not (sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()):
+        return False
+    return _autograd_survives_fork()
+
+
+def _autograd_survives_fork() -> bool:
+    """False when this process already started autograd's worker threads (a torch.compile'd backward does), after
+    which a forked child cannot run backward ("Unable to handle autograd's threading in combination with
+    fork-based multiprocessing"); a tiny forked probe (milliseconds) tells."""
+    pid = os.fork()
+    if pid == 0:  # the child: one backward, then leave without running any cleanup of the parent's state
+        try:
+            x = torch.ones(1, requires_grad=True)
+            (x * 2).sum().backward()
+            code = 0
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
 
 
 def _execute(cfg: StudyConfig, tasks: list[tuple[Any, ...]], jobs: int, bar: _Progress) -> list[dict[str, Any]]:
