@@ -5,9 +5,10 @@ weights), each compiled with ``torch.compile`` (inductor) and run eagerly; a tra
 SGD step) and an inference forward. Repetitions of the two models are interleaved and medians compared. Host
 syncs per bnkit training step and per inference forward are counted at the dispatcher (aten._local_scalar_dense,
 is_nonzero, equal, item) in eager mode. Targets (issue 13): compiled bnkit / compiled torch <= 1.05, eager
-<= 1.05, host syncs per step 0.
+<= 1.05, host syncs per step 0. On CPU torch runs on one thread (``--threads``) and each step is timed with that
+thread's CPU time, which other processes on a shared machine barely disturb; CUDA uses wall-clock time.
 
-    python benchmarks/compile.py [--batch 8] [--size 64] [--repeats 7] [--device cpu|cuda]
+    python benchmarks/compile.py [--batch 8] [--size 64] [--repeats 15] [--threads 1] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -73,10 +74,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = args.device
+    clock = time.perf_counter if device == "cuda" else time.thread_time
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = torchvision.models.resnet18(num_classes=10).to(device)
     models = {"torch": base, "bnkit": bnkit.convert(copy.deepcopy(base), to="bnkit")}
@@ -112,11 +116,12 @@ def main() -> None:
     for rep in range(args.repeats):
         for key in keys if rep % 2 == 0 else reversed(keys):
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             steps[key]()
             _sync(device)
-            times[key].append(time.perf_counter() - t0)
-    print(f"ResNet-18, batch {args.batch}, {args.size}x{args.size}, {device}, torch {torch.__version__}")
+            times[key].append(clock() - t0)
+    where = f"{device}, {args.threads} thread(s)" if device != "cuda" else device
+    print(f"ResNet-18, batch {args.batch}, {args.size}x{args.size}, {where}, torch {torch.__version__}")
     print(f"{'':20s} {'torch ms':>9s} {'bnkit ms':>9s} {'ratio':>7s}")
     for kind in ("compiled", "eager"):
         for mode in ("train", "eval"):
