@@ -2,9 +2,9 @@
 
 With Keras's default momentum 0.99 the moving statistics are an exponential average that lags the weights and
 still remembers its initial values for hundreds of steps. ``recalibrate`` replaces them with the exact
-statistics of what each selected layer sees over ``data``: per batch, two-pass float64 moments
-``(count, mean, m2)`` of the layer's real input (masked positions left out), merged exactly across batches
-(count-weighted mean, biased variance: Keras's convention).
+statistics of what each selected layer sees over ``data``: per batch, two-pass moments ``(count, mean, m2)`` of
+the layer's real input computed on the backend in float32 (masked positions left out), merged exactly across
+batches in float64 NumPy (count-weighted mean, biased variance: Keras's convention).
 
 During the passes the model is called with ``training=False`` (dropout off, every other BN on its moving
 statistics); the selected layers normalise with their batch statistics (as Precise BN does) unless
@@ -24,7 +24,7 @@ import numpy as np
 
 from bnkit.keras import compat
 from bnkit.keras.find import Found, select_batchnorms
-from bnkit.shared.moments import NumpyMoments, batch_moments, merge
+from bnkit.shared.moments import NumpyMoments, merge
 from bnkit.shared.selection import Selector
 
 __all__ = ["KerasRecalibrationReport", "recalibrate"]
@@ -127,13 +127,11 @@ class _Capture:
 
     def __call__(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
         layer = self.item.layer
-        values = compat.to_numpy(inputs)
-        mask_np = None if mask is None else compat.to_numpy(mask)
-        moments = batch_moments(values, layer.axis, mask_np)
+        mean, var, moments = _tensor_moments(layer, inputs, mask)
         self.moments = moments if self.moments is None else merge(self.moments, moments)
         if not self.batch_mode:
             return self.original(inputs, training=False, mask=mask)
-        return _normalise(layer, inputs, moments)
+        return _normalise(layer, inputs, mean, var)
 
     def install(self) -> None:
         self.item.layer.call = self
@@ -143,23 +141,59 @@ class _Capture:
             del self.item.layer.__dict__["call"]
 
 
-def _normalise(layer: Any, inputs: Any, moments: NumpyMoments) -> Any:
-    keras = compat.import_keras()
-    ops = keras.ops
-    axes = (layer.axis,) if isinstance(layer.axis, int) else tuple(layer.axis)
+def _tensor_moments(layer: Any, inputs: Any, mask: Any) -> tuple[Any, Any, NumpyMoments]:
+    """Two-pass moments of one batch on the backend (float32 or wider), and their float64 NumPy triple.
+
+    Only the per-channel vectors leave the backend; the exact merge across batches happens in float64.
+    """
+    ops = compat.import_keras().ops
     ndim = len(inputs.shape)
+    axes = (layer.axis,) if isinstance(layer.axis, int) else tuple(layer.axis)
+    channel = {a % ndim for a in axes}
+    reduce = [d for d in range(ndim) if d not in channel]
+    x = ops.cast(inputs, "float32")
+    if mask is None:
+        count = float(np.prod([int(x.shape[d]) for d in reduce]))
+        mean = ops.mean(x, axis=reduce, keepdims=True)
+        m2 = ops.sum(ops.square(x - mean), axis=reduce, keepdims=True)
+        var = m2 / max(count, 1.0)
+        counts = np.full(_channels(x, channel), count)
+    else:
+        weights = ops.broadcast_to(ops.expand_dims(ops.cast(mask, "float32"), -1), ops.shape(x))
+        total = ops.sum(weights, axis=reduce, keepdims=True)
+        safe = ops.maximum(total, 1.0)
+        mean = ops.sum(x * weights, axis=reduce, keepdims=True) / safe
+        m2 = ops.sum(ops.square(x - mean) * weights, axis=reduce, keepdims=True)
+        var = m2 / safe
+        counts = compat.to_numpy(total).astype(np.float64).reshape(-1)
+    triple = NumpyMoments(
+        counts.reshape(-1),
+        compat.to_numpy(mean).astype(np.float64).reshape(-1),
+        compat.to_numpy(m2).astype(np.float64).reshape(-1),
+    )
+    return mean, var, triple
+
+
+def _channels(x: Any, channel: set[int]) -> int:
+    size = 1
+    for d in channel:
+        size *= int(x.shape[d])
+    return size
+
+
+def _normalise(layer: Any, inputs: Any, mean: Any, var: Any) -> Any:
+    ops = compat.import_keras().ops
+    ndim = len(inputs.shape)
+    axes = (layer.axis,) if isinstance(layer.axis, int) else tuple(layer.axis)
     shape = [1] * ndim
     for a in axes:
         shape[a % ndim] = int(inputs.shape[a % ndim])
-    dtype = "float32"
-    x = ops.cast(inputs, dtype)
-    mean = ops.reshape(ops.convert_to_tensor(moments.mean.astype(dtype)), shape)
-    var = ops.reshape(ops.convert_to_tensor(moments.variance().astype(dtype)), shape)
-    y = (x - mean) / ops.sqrt(var + layer.epsilon)
+    x = ops.cast(inputs, "float32")
+    y = (x - mean) * ops.rsqrt(var + layer.epsilon)
     if layer.scale:
-        y = y * ops.reshape(ops.cast(layer.gamma, dtype), shape)
+        y = y * ops.reshape(ops.cast(layer.gamma, "float32"), shape)
     if layer.center:
-        y = y + ops.reshape(ops.cast(layer.beta, dtype), shape)
+        y = y + ops.reshape(ops.cast(layer.beta, "float32"), shape)
     return ops.cast(y, layer.compute_dtype)
 
 
