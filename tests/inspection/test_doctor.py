@@ -108,6 +108,15 @@ def _bias_before_bn(quiet: bool) -> nn.Module:
     return model
 
 
+def _skipped(quiet: bool) -> nn.Module:
+    model = bnkit.convert(_mlp(), to="bnkit")
+    x = torch.randn(8, 4)
+    if not quiet:
+        x[0, 0] = float("nan")
+    model.train()(x)
+    return model
+
+
 # rule code -> (build(quiet) -> model, example_inputs or None, intent)
 CASES = {
     "BN001": (lambda quiet: _mlp(momentum=0.1 if quiet else 0.99), None, None),
@@ -121,6 +130,7 @@ CASES = {
     "BN009": (lambda quiet: _bad_variance(quiet, float("nan")), None, None),
     "BN010": (lambda quiet: CalledOnce() if quiet else CalledTwice(), torch.randn(16, 4), None),
     "BN011": (_eval_frozen, None, "fine-tune"),
+    "BN012": (_skipped, None, None),
 }
 
 

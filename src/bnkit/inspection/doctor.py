@@ -17,6 +17,7 @@ BN008     error     running statistics never updated (0/1, num_batches_tracked 0
 BN009     error     running variance non-finite or negative (warning: channels with variance below eps)
 BN010     warning   one BN module called more than once per forward pass (error for synchronised BN)
 BN011     warning   a BN put in eval() to freeze it, in a model that will train: model.train() undoes it
+BN012     warning   batches with non-finite statistics were skipped (bnkit's ``skipped_batches`` counter > 0)
 ========  ========  =================================================================================
 
 Rules BN006 and BN010 need ``example_inputs`` (the model runs once on them in eval mode, without gradients, and
@@ -549,6 +550,32 @@ def check_eval_not_frozen(ctx: Context) -> list[Finding]:
     return findings
 
 
+def check_skipped_batches(ctx: Context) -> list[Finding]:
+    """BN012: a bnkit layer skipped training batches whose statistics were NaN/Inf (``skipped_batches`` > 0).
+
+    Example:
+        >>> from bnkit import BatchNorm
+        >>> bn = BatchNorm(2); _ = bn(torch.tensor([[float("nan"), 1.0], [2.0, 3.0]]))
+        >>> [f.code for f in check_skipped_batches(_ctx(bn))]
+        ['BN012']
+    """
+    findings = []
+    for name, module in ctx.batchnorms:
+        skipped = getattr(module, "skipped_batches", None)
+        if isinstance(skipped, torch.Tensor) and int(skipped) > 0:
+            findings.append(
+                Finding(
+                    "BN012",
+                    "warning",
+                    name,
+                    f"{int(skipped)} training batch(es) had non-finite statistics (NaN/Inf) and were skipped: the "
+                    "running statistics never saw them",
+                    "check the inputs and the learning rate; pass on_nonfinite='raise' to stop at the first one",
+                )
+            )
+    return findings
+
+
 #: Every rule, in code order.
 RULES: tuple[Rule, ...] = (
     check_keras_momentum,
@@ -562,6 +589,7 @@ RULES: tuple[Rule, ...] = (
     check_running_variance,
     check_called_more_than_once,
     check_eval_not_frozen,
+    check_skipped_batches,
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from bnkit.inspection._common import (
@@ -241,6 +242,9 @@ def _reasons(module: nn.Module, row: LayerExplanation) -> list[str]:
 
     if tracked and never_updated(module):
         reasons.append("running statistics never updated (still mean 0, variance 1)")
+    skipped = getattr(module, "skipped_batches", None)
+    if isinstance(skipped, torch.Tensor) and int(skipped) > 0:
+        reasons.append(f"{int(skipped)} batch(es) with non-finite statistics skipped (skipped_batches)")
 
     count, frozen = _frozen_affine(module)
     if not count:
