@@ -69,6 +69,14 @@ def test_model_file_with_a_payload_is_refused(
     assert not marker.exists()
 
 
+def test_an_export_program_is_refused_naming_the_file(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)).eval()
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3),)), workdir / "m.pt2")
+    assert main(["summary", "m.pt2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot load model file 'm.pt2': it is a torch.export program" in err
+
+
 def test_whole_module_needs_trust_pickle(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["explain", "whole.pt"]) == 2
     err = capsys.readouterr().err

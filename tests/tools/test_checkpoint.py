@@ -73,6 +73,16 @@ def test_not_a_checkpoint_names_the_file(tmp_path: Path) -> None:
         bnkit.read_checkpoint(tmp_path / "nothing.pt")
 
 
+def test_an_export_program_is_refused_in_one_line_even_when_trusted(tmp_path: Path) -> None:
+    # torch.export.load unpickles parts of a .pt2 with weights_only=False: bnkit never reads one
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).eval()
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3),)), tmp_path / "m.pt2")
+    for trust in (False, True):
+        with pytest.raises(ValueError, match=r"m\.pt2.*torch\.export program .*state dict") as info:
+            bnkit.read_checkpoint(tmp_path / "m.pt2", trust_pickle=trust)
+        assert "\n" not in str(info.value)
+
+
 def test_a_bad_entry_in_a_later_layer_changes_nothing() -> None:
     model = _net()
     before = _snapshot(model)

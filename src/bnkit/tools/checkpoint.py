@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,12 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
             return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types for damaged headers
             raise ValueError(f"cannot read safetensors file {str(path)!r}: {first_line(exc)}") from exc
+    if _is_export_archive(path):
+        raise ValueError(
+            f"cannot read {str(path)!r}: it is a torch.export program (.pt2), which bnkit does not read: "
+            "torch.export.load unpickles parts of it with weights_only=False, so it can run code; give the "
+            "architecture as code and the weights as a .safetensors or .pt state dict"
+        )
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -115,6 +122,15 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
         if isinstance(exc, (AttributeError, ModuleNotFoundError)):
             hint = " (a pickled module needs its classes importable: run from the project directory)"
         raise ValueError(f"cannot unpickle {str(path)!r}: {first_line(exc)}{hint}") from exc
+
+
+def _is_export_archive(path: Path) -> bool:
+    # a torch.export archive (torch.export.save) has "<name>/archive_format" and no "<name>/data.pkl"
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(n.endswith("/archive_format") for n in names) and not any(n.endswith("/data.pkl") for n in names)
 
 
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
