@@ -597,3 +597,16 @@ def test_write_errors_surface_in_the_training_thread(tmp_path: Path) -> None:
         monitor.detach()
     assert not monitor.attached
     monitor.close()
+
+
+def test_records_show_bnkit_skipped_batches(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), bnkit.BatchNorm(4), nn.BatchNorm2d(4))
+    bad = torch.randn(4, 3, 5, 5)
+    bad[0, 0, 0, 0] = float("nan")
+    with Monitor(model, log_dir=tmp_path, tensorboard=False, warn=False) as monitor:
+        for x in (torch.randn(4, 3, 5, 5), bad):
+            model(x)
+            monitor.step()
+    stats = read_log(tmp_path)["stats"]
+    assert [r["skipped_batches"] for r in stats if r["layer"] == "1"] == [0, 1]
+    assert all("skipped_batches" not in r for r in stats if r["layer"] == "2")  # torch layers have no counter

@@ -18,6 +18,7 @@ __all__ = ["NONFINITE_POLICIES", "VALIDATED_SETTINGS", "check_layer_state", "che
 
 NONFINITE_POLICIES = ("skip", "raise", "warn")
 VALIDATED_SETTINGS = frozenset({"eps", "momentum", "keras_momentum", "virtual_batch_size", "on_nonfinite"})
+_MOMENTUM_CONVENTIONS = {"momentum": "NEW batch (PyTorch convention)", "keras_momentum": "OLD value (Keras convention)"}
 # entries a layer fills in itself when a checkpoint lacks them (old checkpoints, a plain BN loaded into renorm)
 _DERIVED = frozenset({"num_batches_tracked", "running_std", "renorm_mean", "renorm_std"})
 
@@ -48,22 +49,13 @@ def check_setting(label: str, name: str, value: Any) -> Any:
         if not _is_real(value) or value <= 0:
             raise ValueError(f"{label}: eps must be > 0 and finite. Received: eps={value!r}")
         return float(value)
-    if name == "momentum":
+    if name in _MOMENTUM_CONVENTIONS:
         if value is None:
             return None
         if not _is_real(value) or not 0.0 <= value <= 1.0:
             raise ValueError(
-                f"{label}: momentum is the weight of the NEW batch (PyTorch convention) and must be in [0, 1] "
-                f"or None. Received: momentum={value!r}"
-            )
-        return float(value)
-    if name == "keras_momentum":
-        if value is None:
-            return None
-        if not _is_real(value) or not 0.0 <= value <= 1.0:
-            raise ValueError(
-                f"{label}: keras_momentum is the weight of the OLD value (Keras convention) and must be in [0, 1] "
-                f"or None. Received: keras_momentum={value!r}"
+                f"{label}: {name} is the weight of the {_MOMENTUM_CONVENTIONS[name]} and must be in [0, 1] or None. "
+                f"Received: {name}={value!r}"
             )
         return float(value)
     if name == "virtual_batch_size":

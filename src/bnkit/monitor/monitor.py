@@ -192,13 +192,14 @@ class _Pending:
     layer has no such tensor (``state_keys`` names those it has).
     """
 
-    __slots__ = ("count", "layer", "nbt", "packed", "raw", "state", "state_keys", "uses_batch")
+    __slots__ = ("count", "layer", "nbt", "packed", "raw", "skipped", "state", "state_keys", "uses_batch")
 
     def __init__(self, layer: _Layer) -> None:
         self.layer = layer
         self.state: Tensor | None = None
         self.state_keys: tuple[str, ...] = ()
         self.nbt: int | Tensor | None = None
+        self.skipped: Tensor | None = None  # bnkit's skipped_batches after the call (non-finite batches)
         self.packed: Tensor | None = None
         self.raw = False
         self.count = 0
@@ -537,6 +538,9 @@ class Monitor:
         if pending is None:
             return
         layer = pending.layer
+        skipped = getattr(module, "skipped_batches", None)
+        if layer.is_bnkit and isinstance(skipped, Tensor):
+            pending.skipped = skipped.detach().clone()  # a copy on the device: read when the step is written
         x = args[0] if args else kwargs.get("input", kwargs.get("x"))
         if not isinstance(x, Tensor) or x.ndim < 2 or x.numel() == 0:
             return
@@ -595,6 +599,8 @@ class Monitor:
                 "count": p.count,
                 "num_batches_tracked": None if p.nbt is None else int(row[len(QUANTITIES)]),
             }
+            if p.skipped is not None:
+                record["skipped_batches"] = int(p.skipped)
             has_running = "running_mean" in p.state_keys
             for name, value in zip(QUANTITIES, row, strict=False):
                 if name.startswith(("running_", "drift")) and not has_running:
