@@ -90,3 +90,15 @@ def test_shared_is_framework_free_and_keras_stays_off_the_torch_side() -> None:
             if root == "bnkit" and rest:
                 assert rest.split(".")[0] in {"shared", "keras", "_lazy"}, f"keras/{path.name} imports {name}"
             assert not (root == "keras" and at_top and path.name == "__init__.py"), "bnkit.keras imports keras early"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_no_private_module_is_imported_from_another_package(path: Path) -> None:
+    # A `_private` module is its package's business: what another package needs gets a public home.
+    package = _package(path)
+    for name, _ in _imports(ast.parse(path.read_text())):
+        parts = name.split(".")
+        if parts[0] != "bnkit" or len(parts) < 3:
+            continue
+        private = [part for part in parts[2:] if part.startswith("_")]
+        assert not (private and parts[1] != package), f"{path.relative_to(SRC)} imports {name} from another package"

@@ -46,7 +46,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from bnkit.tools._common import first_line
+from bnkit.shared.errors import first_line
 from bnkit.tools.checkpoint import (
     STATE_KEYS,
     UntrustedFileError,

@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a broken or missing command module must not take the others down
         if debug:
             traceback.print_exc()
-        from bnkit.tools._common import first_line
+        from bnkit.shared.errors import first_line
 
         error_line(PROG, f"the {command!r} command is not available: {first_line(exc, with_type=True)}")
         return 2
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _describe(exc: BaseException) -> str:
     from bnkit.cli.io import CliError
-    from bnkit.tools._common import first_line
+    from bnkit.shared.errors import first_line
 
     if isinstance(exc, (CliError, ValueError, TypeError, FileNotFoundError)):
         return first_line(exc)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, is_dataclass
 from typing import IO, Any
 
-from bnkit.inspection._table import format_cell, text_table
+from bnkit.shared.table import format_cell, text_table
 
 __all__ = ["Result", "Table", "emit", "error_line", "jsonable", "print_blocks", "progress", "use_rich"]
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from bnkit.layers.find import is_batch_independent_norm
-from bnkit.tools._common import has_running_buffers, is_bnkit_batchnorm
 from bnkit.tools.freeze import is_frozen_stats
+from bnkit.tools.model_edit import has_running_buffers, is_bnkit_batchnorm
 
 
 def frozen_by_bnkit(module: nn.Module) -> tuple[bool, bool]:

@@ -48,7 +48,9 @@ from bnkit.inspection._common import (
 )
 from bnkit.layers.find import named_batchnorms
 from bnkit.shared.diagnosis import MIN_BATCH, SEVERITIES, Diagnosis, Finding
-from bnkit.tools._common import affine_params, call_with_example, check_model, eval_run, first_line
+from bnkit.shared.errors import first_line
+from bnkit.tools.model_edit import affine_params, check_model
+from bnkit.tools.model_inputs import call_with_example, eval_run
 
 __all__ = ["RULES", "SEVERITIES", "Diagnosis", "Finding", "doctor"]
 

@@ -23,9 +23,9 @@ from bnkit.inspection._common import (
     never_updated,
     num_channels,
 )
-from bnkit.inspection._table import RowList
 from bnkit.layers.find import named_norms
-from bnkit.tools._common import affine_params, check_model, is_bnkit_batchnorm
+from bnkit.shared.table import RowList
+from bnkit.tools.model_edit import affine_params, check_model, is_bnkit_batchnorm
 
 __all__ = ["Explanation", "LayerExplanation", "explain"]
 

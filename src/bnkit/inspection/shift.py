@@ -59,9 +59,11 @@ from torch import nn
 from bnkit.core.divergence import gaussian_symmetric_kl
 from bnkit.core.moments import Moments, channel_moments, merge_moments, reduction_dims
 from bnkit.inspection._common import channel_axis, has_running_stats, limited
-from bnkit.inspection._table import text_table
 from bnkit.layers.find import named_batchnorms
-from bnkit.tools._common import call_on_batch, check_model, eval_run, first_line
+from bnkit.shared.errors import first_line
+from bnkit.shared.table import text_table
+from bnkit.tools.model_edit import check_model
+from bnkit.tools.model_inputs import call_on_batch, eval_run
 
 __all__ = [
     "FINE_TUNE_ABOVE",

@@ -28,8 +28,10 @@ from torch import nn
 
 from bnkit.inspection._common import layer_type
 from bnkit.layers.find import is_batch_independent_norm, is_batchnorm
+from bnkit.shared.errors import first_line
 from bnkit.shared.summary import LayerSummary, Summary
-from bnkit.tools._common import check_model, eval_run, first_line, input_device_dtype
+from bnkit.tools.model_edit import check_model
+from bnkit.tools.model_inputs import eval_run, input_device_dtype
 
 __all__ = ["LayerSummary", "Summary", "summary"]
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnkit.tools._common import first_line
+from bnkit.shared.errors import first_line
 
 __all__ = [
     "STATE_KEYS",

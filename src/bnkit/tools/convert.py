@@ -20,17 +20,16 @@ import torch
 from torch import nn
 
 from bnkit.layers.find import LayerSelector
-from bnkit.tools._common import (
+from bnkit.tools.freeze import _set_stats, has_foreign_hooks, is_frozen_affine, is_frozen_stats
+from bnkit.tools.model_edit import (
     bnkit_batchnorm_class,
-    call_with_example,
     check_model,
     copy_unless_inplace,
-    eval_run,
     is_bnkit_batchnorm,
     replace_modules,
     select_batchnorms,
 )
-from bnkit.tools.freeze import _set_stats, has_foreign_hooks, is_frozen_affine, is_frozen_stats
+from bnkit.tools.model_inputs import call_with_example, eval_run
 
 __all__ = ["TARGETS", "convert", "default_groups"]
 

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from bnkit.layers.find import LayerSelector
-from bnkit.tools._common import (
+from bnkit.tools.model_edit import (
     affine_params,
     check_model,
     has_running_buffers,

@@ -51,7 +51,7 @@ from bnkit.core.fold import fold_after_conv, fold_after_linear, fold_before_conv
 from bnkit.core.normalize import scale_shift
 from bnkit.layers.find import is_batchnorm
 from bnkit.layers.keras_guard import refuse_keras
-from bnkit.tools._common import first_line
+from bnkit.shared.errors import first_line
 from bnkit.tools.freeze import has_foreign_hooks
 
 __all__ = ["FoldRecord", "FuseReport", "SkipRecord", "fuse", "fuse_with_report"]

@@ -22,14 +22,9 @@ from torch import Tensor, nn
 
 from bnkit.core.moments import Moments, merge_moments, reduction_dims, variance
 from bnkit.layers.find import LayerSelector
-from bnkit.tools._common import (
-    call_on_batch,
-    check_model,
-    has_running_buffers,
-    is_bnkit_batchnorm,
-    select_batchnorms,
-)
 from bnkit.tools.freeze import frozen_stats_hook
+from bnkit.tools.model_edit import check_model, has_running_buffers, is_bnkit_batchnorm, select_batchnorms
+from bnkit.tools.model_inputs import call_on_batch
 
 __all__ = ["METHODS", "RecalibrationReport", "recalibrate"]
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from bnkit.distributed import average_, broadcast_, is_active
 from bnkit.distributed.buffers import nonfinite_ranks
 from bnkit.layers.find import LayerSelector
-from bnkit.tools._common import check_model, select_batchnorms
+from bnkit.tools.model_edit import check_model, select_batchnorms
 
 __all__ = ["MODES", "NONFINITE_POLICIES", "sync_running_stats"]
 

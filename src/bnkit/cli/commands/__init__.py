@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from bnkit.cli.io import CliError, LoadedModel, load_model, require_eager
-from bnkit.tools._common import input_device_dtype
+from bnkit.tools.model_inputs import input_device_dtype
 
 __all__ = [
     "add_data_arguments",

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         >>> run(argparse.Namespace(model="m.pt", weights=None, output="f.pt", format="auto", input_size=None,
         ...                        batch_size=2, check=True, atol=None, rtol=None))  # doctest: +SKIP
     """
-    from bnkit.tools._common import first_line
+    from bnkit.shared.errors import first_line
     from bnkit.tools.fuse import fuse_with_report
 
     loaded, model = load_eager(args, NAME)

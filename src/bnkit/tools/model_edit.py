@@ -1,15 +1,9 @@
-"""Helpers shared by the model-level tools and the layers above them (inspection, command line).
-
-Argument checks, layer selection, copies and module replacement; the few BatchNorm facts every tool asks
-(running buffers, gamma/beta); calling a model on a batch or on example inputs; running it once in eval mode
-without changing it; and the one-line wording of an exception.
-"""
+"""Editing models safely: argument checks, BatchNorm selection, copies, module replacement, layer names, and
+the few BatchNorm facts every tool asks (running buffers, gamma/beta)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -21,14 +15,9 @@ from bnkit.layers.keras_guard import refuse_keras
 __all__ = [
     "affine_params",
     "bnkit_batchnorm_class",
-    "call_on_batch",
-    "call_with_example",
     "check_model",
     "copy_unless_inplace",
-    "eval_run",
-    "first_line",
     "has_running_buffers",
-    "input_device_dtype",
     "is_bnkit_batchnorm",
     "replace_modules",
     "select_batchnorms",
@@ -166,100 +155,3 @@ def affine_params(module: nn.Module) -> dict[str, torch.Tensor]:
     """
     params = {key: getattr(module, key, None) for key in ("weight", "bias")}
     return {key: value for key, value in params.items() if isinstance(value, torch.Tensor)}
-
-
-def input_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype for inputs made up for ``model``: those of its first parameter (float32 on the CPU when
-    it has none or the first is not floating point).
-
-    Example:
-        >>> input_device_dtype(nn.Linear(2, 2).double())
-        (device(type='cpu'), torch.float64)
-    """
-    first = next(iter(model.parameters()), None)
-    device = first.device if first is not None else torch.device("cpu")
-    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    return device, dtype
-
-
-def first_line(error: BaseException, *, with_type: bool = False) -> str:
-    """The first line of an exception's message for a one-line error (the type's name when it has none).
-
-    With ``with_type=True`` the type's name comes first: ``"RuntimeError: shape mismatch"``.
-
-    Example:
-        >>> first_line(ValueError("bad value\\nmore detail")), first_line(KeyError())
-        ('bad value', 'KeyError')
-        >>> first_line(OSError("disk full"), with_type=True)
-        'OSError: disk full'
-    """
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else ""
-    if with_type:
-        return f"{type(error).__name__}: {line}" if line else type(error).__name__
-    return line or type(error).__name__
-
-
-def call_on_batch(model: nn.Module, batch: Any, tool: str = "bnkit") -> Any:
-    """Call ``model`` on one batch of a data iterable: ``model(batch)``, the inputs of ``(inputs, labels, ...)``
-    (``model(batch[0])``), or ``model(**batch)`` for a mapping of keyword arguments.
-
-    Raises:
-        ValueError: ``batch`` is an empty list/tuple (``tool`` names the caller in the message).
-
-    Example:
-        >>> call_on_batch(nn.Identity(), (torch.ones(1), torch.zeros(1)))
-        tensor([1.])
-    """
-    if isinstance(batch, (list, tuple)):
-        if not batch:
-            raise ValueError(f"{tool}: a batch is an empty list/tuple; pass forward=(model, batch) -> ...")
-        return model(batch[0])
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    return model(batch)
-
-
-def call_with_example(model: nn.Module, example_inputs: Any) -> Any:
-    """Call ``model`` on example inputs: one input, a tuple/list of positional inputs, or a mapping of keywords.
-
-    Example:
-        >>> call_with_example(nn.Bilinear(2, 3, 1), (torch.ones(4, 2), torch.ones(4, 3))).shape
-        torch.Size([4, 1])
-    """
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
-    return model(example_inputs)
-
-
-@contextlib.contextmanager
-def eval_run(model: nn.Module) -> Iterator[list[Any]]:
-    """Run ``model`` in eval mode without gradients; on exit every flag is back and every hook removed.
-
-    Yields a list: append the handles of the hooks you register and they are removed on exit, also on error.
-    Training flags are set and restored attribute by attribute, not through ``train()``/``eval()``, so modules
-    that override ``train()`` (frozen layers) keep exactly the flag they had. Running statistics cannot move in
-    eval mode, so the model comes out as it went in.
-
-    Example:
-        >>> model = nn.Sequential(nn.BatchNorm1d(2))
-        >>> with eval_run(model) as handles:
-        ...     handles.append(model.register_forward_hook(lambda *_: None))
-        ...     _ = model(torch.randn(1, 2))  # a batch of 1 is fine in eval mode
-        >>> model.training, len(model._forward_hooks)
-        (True, 0)
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    handles: list[Any] = []
-    try:
-        for module, _ in flags:
-            module.training = False
-        with torch.no_grad():
-            yield handles
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, flag in flags:
-            module.training = flag
