@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["call_on_batch", "call_with_example", "eval_run", "input_device_dtype"]
+__all__ = ["ExampleInputs", "call_on_batch", "call_with_example", "eval_run", "input_device_dtype"]
 
 
 def input_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -47,17 +47,33 @@ def call_on_batch(model: nn.Module, batch: Any, tool: str = "bnkit") -> Any:
     return model(batch)
 
 
-def call_with_example(model: nn.Module, example_inputs: Any) -> Any:
-    """Call ``model`` on example inputs: one input, a tuple/list of positional inputs, or a mapping of keywords.
+#: Example inputs, the one calling convention of every tool that runs a model once (doctor, fuse, summary,
+#: convert, shift, Monitor): a tensor or a list (one positional argument: a torchvision detector takes a list of
+#: images), a tuple (positional arguments), a mapping (keyword arguments), or a callable ``forward(model)``.
+ExampleInputs = Any
+
+
+def call_with_example(model: nn.Module, example_inputs: ExampleInputs) -> Any:
+    """Call ``model`` on example inputs, the same way in every tool.
+
+    * a tensor, a list or any other object: one positional argument (``model(x)``; a torchvision detector's
+      ``[image, ...]`` stays one list);
+    * a tuple: positional arguments (``model(*example_inputs)``);
+    * a mapping: keyword arguments (``model(**example_inputs)``);
+    * a callable that is not an ``nn.Module``: ``example_inputs(model)``, for anything else.
 
     Example:
         >>> call_with_example(nn.Bilinear(2, 3, 1), (torch.ones(4, 2), torch.ones(4, 3))).shape
         torch.Size([4, 1])
+        >>> call_with_example(nn.Identity(), lambda m: m(torch.zeros(1)))
+        tensor([0.])
     """
-    if isinstance(example_inputs, (tuple, list)):
+    if isinstance(example_inputs, tuple):
         return model(*example_inputs)
     if isinstance(example_inputs, Mapping):
         return model(**example_inputs)
+    if callable(example_inputs) and not isinstance(example_inputs, (nn.Module, torch.Tensor)):
+        return example_inputs(model)
     return model(example_inputs)
 
 
