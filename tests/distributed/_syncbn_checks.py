@@ -15,6 +15,7 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnkit
 from bnkit.core.moments import channel_moments
@@ -367,6 +368,95 @@ def ddp_training_equals_single_process(rank: int, world: int) -> None:
     for (name, a), b in zip(ddp.module.state_dict().items(), ref.state_dict().values(), strict=True):
         if a.is_floating_point():
             close(a, b, f"after 3 DDP steps: {name}", rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- host reads
+
+_HOST_READS = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.is_nonzero.default,
+    torch.ops.aten.equal.default,
+    torch.ops.aten.item.default,
+}
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts operators that copy a tensor's value to the host (each one a pipeline stall on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@check
+def sync_training_step_reads_nothing_on_the_host(rank: int, world: int) -> None:
+    # Past a layer's first call (which checks widths and dtypes once), a synchronised training step adds only
+    # its collectives: no host read in forward or backward, for every synchronised path.
+    sizes = sizes_for(world)
+    cases = {
+        "fused": (lambda: bnkit.BatchNorm(3, sync=True, name="hr.fused"), (4, 4), False),
+        "masked": (lambda: bnkit.BatchNorm(3, sync=True, name="hr.masked"), (5,), True),
+        "renorm": (lambda: bnkit.BatchNorm(3, sync=True, renorm=bnkit.Renorm.paper(), name="hr.renorm"), (4,), False),
+        "keras": (lambda: bnkit.BatchNorm.from_keras(3, axis=1, sync=True, name="hr.keras"), (4, 4), False),
+    }
+    for label, (make, spatial, masked) in cases.items():
+        layer = make()
+        for step in range(3):
+            x = torch.randn(sizes[rank], 3, *spatial, requires_grad=True)
+            mask = torch.rand(sizes[rank], *spatial) > 0.3 if masked else None
+            counter = _HostReads()
+            with counter:
+                y = layer(x, mask=mask) if masked else layer(x)
+                y.sum().backward()
+            if step > 0:
+                assert counter.count == 0, f"{label}: {counter.count} host reads in synchronised step {step}"
+    dist.barrier()
+
+
+@check
+def global_single_value_gives_beta_and_keeps_running_stats(rank: int, world: int) -> None:
+    # One value per channel in the union of all ranks' batches: known only on the device, so no error; the
+    # output is beta (as Keras and a masked channel give) and the running statistics do not move.
+    layer = bnkit.BatchNorm(2, sync=True, name="single.global")
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([0.5, -1.5]))
+        layer.running_mean.fill_(0.25)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(1 if rank == 0 else 0, 2)
+    y = layer(x)
+    if rank == 0:
+        # torch's kernel computes x * a + (beta - mean * a) with a = 1/sqrt(eps): beta up to that rounding
+        close(y.detach(), layer.bias.detach().reshape(1, 2), "output of a global batch of one", rtol=0, atol=1e-4)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} moved on a global batch of one"
+    assert int(layer.skipped_batches) == 0
+    empty = bnkit.BatchNorm(2, sync=True, name="single.empty")
+    assert empty(torch.randn(0, 2)).shape == (0, 2)
+    assert int(empty.num_batches_tracked) == 0 and torch.equal(empty.running_var, torch.ones(2))
+    dist.barrier()
+
+
+@check
+def device_path_tag_mismatch_raises_naming_the_call(rank: int, world: int) -> None:
+    # Off the NumPy path (here float16: the path accelerators take) the tag verdict is queued and read once the
+    # device has produced it (comm.defer_check); for CPU tensors that is at once.
+    from bnkit.distributed.moments import exchange
+
+    local = torch.tensor([4.0, 1.0, 2.0, 0.5, -0.5]).half()
+    name = "tag.left" if rank == 0 else "tag.right"
+    try:
+        exchange(local.clone(), None, name)
+    except SyncMismatchError as error:
+        assert name in str(error) and "call 0" in str(error), str(error)
+    else:
+        raise AssertionError("a float16 exchange between different layers passed its tag check")
+    assert not comm._PENDING
+    dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------- skipped layers

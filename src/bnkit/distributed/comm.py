@@ -20,7 +20,9 @@ from torch import Tensor
 
 __all__ = [
     "SyncMismatchError",
+    "check_pending",
     "configure",
+    "defer_check",
     "get_rank",
     "get_world_size",
     "is_active",
@@ -200,8 +202,58 @@ def next_call(group: Any, layer_name: str) -> int:
 
 
 def reset_call_counts() -> None:
-    """Forget the per-layer call numbers (after a failed step, before all ranks restart in step)."""
+    """Forget the per-layer call numbers and queued tag checks (after a failed step, before all ranks restart
+    in step)."""
     _CALLS.clear()
+    _PENDING.clear()
+
+
+# Tag checks of device tensors waiting for their values to reach the host: (ok per rank, ready event, layer,
+# call). Reading a device tensor at once would stall the GPU pipeline once per layer per step; instead the
+# verdict is copied to the host without blocking and read when the device has produced it.
+_PENDING: list[tuple[Tensor, Any, str, int]] = []
+_MAX_PENDING = 64
+
+
+def defer_check(ok_per_rank: Tensor, layer_name: str, call: int) -> None:
+    """Queue a device-side verdict ``ok_per_rank`` (bool per rank) of call ``call`` of ``layer_name``.
+
+    The values travel to the host without blocking (pinned memory and an event on CUDA) and are read by
+    :func:`check_pending` once ready, so a mismatch surfaces within a few synchronised calls with no stall.
+
+    Example:
+        >>> defer_check(torch.tensor([True, True]), "bn1", 0)  # CPU values are ready: checked at once
+    """
+    event = None
+    if ok_per_rank.device.type == "cuda":
+        host = torch.empty(ok_per_rank.shape, dtype=ok_per_rank.dtype, pin_memory=True)
+        host.copy_(ok_per_rank, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    else:
+        host = ok_per_rank.detach().to("cpu")
+    _PENDING.append((host, event, layer_name, call))
+    check_pending(block=len(_PENDING) > _MAX_PENDING)
+
+
+def check_pending(*, block: bool = False) -> None:
+    """Read the queued tag verdicts the device has produced (all of them with ``block=True``); raise
+    :class:`SyncMismatchError` naming the first layer and call in which ranks disagreed.
+
+    Example:
+        >>> check_pending(block=True)  # nothing queued: nothing to read
+    """
+    while _PENDING:
+        host, event, layer_name, call = _PENDING[0]
+        if event is not None and not event.query():
+            if not block:
+                return
+            event.synchronize()
+        _PENDING.pop(0)
+        flags = host.tolist()  # on the host already: no device read
+        if not all(flags):
+            _PENDING.clear()
+            raise mismatch(layer_name, call, [rank for rank, ok in enumerate(flags) if not ok])
 
 
 def mismatch(what: str, call: int, ranks: list[int]) -> SyncMismatchError:

@@ -46,7 +46,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         y = F.batch_norm(x, mu, var, weight, bias, False, 0.0, eps) if n > 0 else x.clone()
         ctx.save_for_backward(x, weight, mu, var)
         ctx.eps = eps
-        ctx.total = float(merged[0])
+        ctx.total = merged[0].to(x.dtype)  # a 0-dim device tensor: dividing by it rounds like a Python float
         ctx.group = group
         ctx.layer_name = layer_name
         ctx.has_bias = bias is not None

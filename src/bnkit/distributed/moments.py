@@ -160,9 +160,13 @@ def exchange(local: Tensor, group: Any, layer_name: str) -> Tensor:
     g = gathered.numpy() if on_host else gathered
     received = xp.signbit(g[:, :slots])
     mine = received[comm.get_rank(group)]
-    if not bool((received == mine).all()):
-        bad = [r for r in range(received.shape[0]) if not bool((received[r] == mine).all())]
-        raise comm.mismatch(layer_name, call, bad)
+    if on_host:
+        if not bool((received == mine).all()):
+            bad = [r for r in range(received.shape[0]) if not bool((received[r] == mine).all())]
+            raise comm.mismatch(layer_name, call, bad)
+    else:
+        # a device verdict: read without stalling the pipeline, raised within a few calls (comm.defer_check)
+        comm.defer_check((received == mine).all(dim=1), layer_name, call)
     g = g.astype(np.float64) if on_host else g.double()
     g[:, : 1 + channels] = abs(g[:, : 1 + channels])
     total, mu, m2 = _chan_merge(g[:, :1], g[:, 1 + channels :], g[:, 1 : 1 + channels])
@@ -258,14 +262,17 @@ def _check_headers(
     raise comm.mismatch(layer_name, call, bad)
 
 
-def sync_moments(local: Moments, *, group: Any = None, layer_name: str = "BatchNorm") -> Moments:
+def sync_moments(
+    local: Moments, *, group: Any = None, layer_name: str = "BatchNorm", uniform_count: bool = False
+) -> Moments:
     """Global batch statistics of all ranks, differentiable with respect to this rank's mean and m2.
 
     Given this rank's ``(count, mean, m2)`` (computed with autograd; the batch may be empty), returns the
     statistics of the union of all ranks' batches. The caller computes the biased variance as
     ``m2 / count``. One ``all_gather`` in forward and, if gradients are needed, one ``all_reduce`` in backward
     (see :class:`SyncMoments`); every rank must call it for the same layers in the same order, and a rank
-    that does not is detected (same-width layers, at once) or times out (see :func:`configure`) with a
+    that does not is detected (same-width layers: at once for CPU tensors, within a few calls on accelerators, where
+    the verdict travels to the host without stalling the pipeline) or times out (see :func:`configure`) with a
     :class:`SyncMismatchError` naming ``layer_name``.
 
     Without an initialised process group, or with world size 1, returns ``local`` itself and communicates
@@ -276,6 +283,8 @@ def sync_moments(local: Moments, *, group: Any = None, layer_name: str = "BatchN
         local: This rank's statistics; ``count`` is a 0-d tensor or the same value for every channel.
         group: Process group (default: the world).
         layer_name: Used in error messages and in the cross-rank call check; give each layer its own.
+        uniform_count: The caller guarantees that every channel has the same count (a BatchNorm mask covers
+            whole positions), which skips the per-channel check, a host read.
 
     Returns:
         Global :class:`Moments` with the shapes of ``local``.
@@ -294,7 +303,7 @@ def sync_moments(local: Moments, *, group: Any = None, layer_name: str = "BatchN
         return local
     count, mean, m2 = _checked(local, layer_name)
     first = count.detach().reshape(-1)[:1]
-    if count.numel() > 1 and not bool((count.detach() == first).all()):
+    if count.numel() > 1 and not uniform_count and not bool((count.detach() == first).all()):
         raise ValueError(
             f"{layer_name}: synchronised statistics need the same count for every channel; got per-channel "
             "counts that differ (a mask must cover whole positions, not single channels)"

@@ -581,10 +581,6 @@ class BatchNorm(nn.Module):
         if synced:
             stats = self._sync(stats)
         count = stats.count
-        if synced:
-            n = float(count.max()) if count.ndim else float(count)  # after the collective: no extra stall
-            if n == 1:
-                self._raise_single_value(tuple(x.shape))
         mean = stats.mean
         var = stats.m2 / count.clamp_min(1)
         # A channel with no value (fully masked, empty batch) has nothing to normalise with: zero mean, unit
@@ -800,22 +796,22 @@ class BatchNorm(nn.Module):
         y, stats = sync_batch_norm(
             xf, weight, bias, self.eps, axis=axis, group=self.process_group, layer_name=self.label()
         )
-        n = float(stats.count)
-        if n == 1:
-            self._raise_single_value(tuple(xf.shape))
-        if n == 0:
-            return y  # every rank's batch is empty: nothing to normalise with, buffers left alone
-        # m2 is finite exactly when the variance is (n >= 2). The merged moments are float64: the running
+        # The global count is known only on the device: reading it would stall the pipeline. A global batch with
+        # fewer than two values per channel (one value gives beta, as Keras does; every rank empty gives an empty
+        # output) leaves the buffers alone, decided on the device. The merged moments are float64: the running
         # variance is m2 / n or m2 / (n - 1) in one rounding.
         if update:
+            count = stats.count
             finite = self._finite(stats.mean, stats.m2)
-            self._commit_running(stats.mean, stats.m2 / (n - 1 if self.unbiased_running_var else n), finite)
+            divisor = (count - 1 if self.unbiased_running_var else count).clamp_min(1)
+            self._commit_running(stats.mean, stats.m2 / divisor, finite, count > 1)
         return y
 
     def _sync(self, stats: Moments) -> Moments:
         from bnkit.distributed import sync_moments
 
-        return sync_moments(stats, group=self.process_group, layer_name=self.label())
+        # a mask covers whole positions, so every channel has the same count: no per-channel check (a host read)
+        return sync_moments(stats, group=self.process_group, layer_name=self.label(), uniform_count=True)
 
     # ------------------------------------------------------------------ conversions
 

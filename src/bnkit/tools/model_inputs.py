@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ExampleInputs", "call_on_batch", "call_with_example", "eval_run", "input_device_dtype"]
+__all__ = ["call_on_batch", "call_with_example", "eval_run", "input_device_dtype"]
 
 
 def input_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
