@@ -183,8 +183,8 @@ def note_line(prog: str, message: str, stream: IO[str] | None = None) -> None:
     stdout keeps the result, so ``--json`` output stays parseable).
 
     Example:
-        >>> import io; s = io.StringIO(); note_line("bnkit doctor", "put the model\nin eval mode", s); s.getvalue()
-        'bnkit doctor: note: put the model in eval mode\n'
+        >>> import io; s = io.StringIO(); note_line("bnkit doctor", "put the model\\nin eval mode", s); s.getvalue()
+        'bnkit doctor: note: put the model in eval mode\\n'
     """
     stream = stream if stream is not None else sys.stderr
     flat = " ".join(message.split())
