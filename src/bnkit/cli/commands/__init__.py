@@ -143,7 +143,7 @@ def add_trust_pickle(parser: argparse.ArgumentParser) -> None:
     )
 
 
-_SIZE_TOKEN = re.compile(r"^(?=.*[0-9])[0-9x,]+$")
+_SIZE_TOKEN = re.compile(r"^(?=.*[0-9])[-0-9x,]+$")  # "-1" too: parse_size then says what is wrong
 _SIZE_SEPARATORS = re.compile(r"[\s,x]+")
 
 
