@@ -159,8 +159,9 @@ def load_keras_model(spec: str, *, trust_pickle: bool = False, backend: str | No
         text = first_line(exc)
         if not trust_pickle and "safe_mode" in text:
             raise CliError(
-                f"refusing to load model file {spec!r} in unsafe mode: it holds Python code (a Lambda layer's "
-                "bytecode) that runs when the model is called; load it only if you trust it: pass --trust-pickle"
+                f"refusing to load model file {spec!r}: it holds Python code (such as a Lambda layer's bytecode) "
+                "that Keras loads only outside safe mode and that runs when the model is called; load it only if "
+                "you trust it: pass --trust-pickle"
             ) from exc
         raise CliError(f"cannot load Keras model file {spec!r}: {text}") from exc
     if not isinstance(model, keras.Model):
