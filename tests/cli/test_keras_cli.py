@@ -222,6 +222,7 @@ def test_fold_is_for_keras_models(capsys: pytest.CaptureFixture[str], tmp_path: 
         (["explain", "{d}/model.keras", "--backend", "numpy"], "argument --backend: invalid choice"),
         (["explain", "torch.nn:Identity", "--backend", "jax"], "--backend jax applies to Keras models"),
         (["summary", "{d}/model.keras", "--input-size", "6,6,2"], "--input-size is for PyTorch models"),
+        (["shift", "{d}/model.keras", "{d}/x.npy"], "is a Keras model: this command takes PyTorch models"),
     ],
 )
 def test_errors_are_one_line(kdir: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:

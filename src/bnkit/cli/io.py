@@ -157,6 +157,11 @@ def load_model(spec: str, weights: str | None = None, *, trust_pickle: bool = Fa
         loaded = LoadedModel(model, "factory", spec, None, None)
     else:
         path = existing_file(spec, "model")
+        if path.suffix.lower() == ".keras":
+            raise CliError(
+                f"{spec!r} is a Keras model: this command takes PyTorch models (Keras models work with explain, "
+                "summary, doctor, recalibrate and fold)"
+            )
         if _is_torchscript(path):
             try:
                 model = torch.jit.load(str(path), map_location="cpu")

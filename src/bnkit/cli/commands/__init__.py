@@ -139,7 +139,8 @@ def add_trust_pickle(parser: argparse.ArgumentParser) -> None:
         "--trust-pickle",
         action="store_true",
         help="allow loading files that can run code when unpickled (a module saved with torch.save(model), "
-        "checkpoints with custom objects); only for files you trust. Without it such files are refused",
+        "checkpoints with custom objects) or loaded (a .keras file with a Lambda layer: Keras's safe_mode=False); "
+        "only for files you trust. Without it such files are refused",
     )
 
 
