@@ -35,6 +35,7 @@ def _required(name: str) -> list[str]:
         "shift": ["x.npy"],
         "recalibrate": ["x.npy", "-o", "o.pt"],
         "fuse": ["-o", "o.pt"],
+        "fold": ["-o", "o.keras"],
         "convert": ["--to", "bnkit", "-o", "o.pt"],
     }.get(name, [])
 

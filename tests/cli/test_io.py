@@ -148,7 +148,7 @@ def test_full_disk_is_one_line_naming_the_file(workdir: Path, monkeypatch: pytes
         made.append(name)
         return os.open("/dev/full", os.O_WRONLY), name  # every write fails with ENOSPC, as on a full disk
 
-    monkeypatch.setattr("bnkit.cli.io.tempfile.mkstemp", on_dev_full)
+    monkeypatch.setattr("bnkit.cli.files.tempfile.mkstemp", on_dev_full)
     big = {"w": torch.zeros(1 << 20)}
     with pytest.raises(CliError) as info:
         write_atomic("model.pt", lambda f: torch.save(big, f))
@@ -162,7 +162,7 @@ def test_unwritable_directory_is_one_line(workdir: Path, monkeypatch: pytest.Mon
     def refuse(**_: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("bnkit.cli.io.tempfile.mkstemp", lambda *a, **k: refuse())
+    monkeypatch.setattr("bnkit.cli.files.tempfile.mkstemp", lambda *a, **k: refuse())
     with pytest.raises(CliError, match=r"cannot write '.*out\.pt': Permission denied; nothing was written"):
         write_atomic("out.pt", lambda f: f.write(b"x"))
 

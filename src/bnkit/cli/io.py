@@ -1,4 +1,5 @@
-"""Loading models and data for the command line, and writing result files atomically.
+"""Loading PyTorch models and data for the command line, and saving models (atomically, through
+:func:`bnkit.cli.files.write_atomic`; ``CliError`` and ``write_atomic`` are re-exported here).
 
 Models (``MODEL`` argument of every sub-command):
 
@@ -28,24 +29,27 @@ float32 (PyTorch models are float32 unless told otherwise).
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
 import re
-import signal
-import stat
-import sys
-import tempfile
-import threading
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from bnkit.cli.files import (
+    DATA_KEYS,
+    CliError,
+    check_output_path,
+    existing_file,
+    import_attr,
+    is_factory_spec,
+    read_array,
+    write_atomic,
+)
 from bnkit.shared.errors import first_line
 from bnkit.tools.checkpoint import (
     STATE_KEYS,
@@ -70,18 +74,6 @@ __all__ = [
     "save_model",
     "write_atomic",
 ]
-
-_FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_DATA_KEYS = ("x", "inputs", "input", "data", "images")
-
-
-class CliError(Exception):
-    """A problem with what the user gave (file, model, data, option): printed as one line, exit status 2.
-
-    Example:
-        >>> str(CliError("model file 'm.pt' not found"))
-        "model file 'm.pt' not found"
-    """
 
 
 @dataclass
@@ -116,38 +108,6 @@ class LoadedModel:
         return [p for p in (self.path, self.weights) if p is not None]
 
 
-def is_factory_spec(spec: str) -> bool:
-    """True for ``package.module:factory`` (and it is not an existing file).
-
-    Example:
-        >>> is_factory_spec("torchvision.models:resnet18"), is_factory_spec("model.pt")
-        (True, False)
-    """
-    return bool(_FACTORY.match(spec)) and not os.path.exists(spec)
-
-
-def _import_attr(spec: str, what: str) -> Any:
-    module_name, _, attr_path = spec.partition(":")
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:  # console scripts do not put the current directory on sys.path; users expect it
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise CliError(f"cannot import module {module_name!r} for {what} {spec!r}: {first_line(exc)}") from exc
-    finally:
-        if added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(cwd)
-    target: Any = module
-    for part in attr_path.split("."):
-        if not hasattr(target, part):
-            raise CliError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr_path!r}")
-        target = getattr(target, part)
-    return target
-
-
 def call_factory(spec: str, what: str) -> Any:
     """Import ``package.module:attr`` and call it (a module object is returned as it is).
 
@@ -158,7 +118,7 @@ def call_factory(spec: str, what: str) -> Any:
         >>> call_factory("collections:OrderedDict", "data")
         OrderedDict()
     """
-    factory = _import_attr(spec, what)
+    factory = import_attr(spec, what)
     if isinstance(factory, nn.Module):
         return factory
     if not callable(factory):
@@ -167,16 +127,6 @@ def call_factory(spec: str, what: str) -> Any:
         return factory()
     except Exception as exc:  # the user's factory may raise anything; report it on one line
         raise CliError(f"{what} factory {spec!r} failed: {first_line(exc, with_type=True)}") from exc
-
-
-def _existing(path_text: str, what: str) -> Path:
-    path = Path(path_text)
-    if not path.exists():
-        hint = " (for a factory write package.module:function)" if ":" in path_text else ""
-        raise CliError(f"{what} file {path_text!r} not found{hint}")
-    if path.is_dir():
-        raise CliError(f"{what} {path_text!r} is a directory, not a file")
-    return path
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -206,7 +156,12 @@ def load_model(spec: str, weights: str | None = None, *, trust_pickle: bool = Fa
             raise CliError(f"model factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
         loaded = LoadedModel(model, "factory", spec, None, None)
     else:
-        path = _existing(spec, "model")
+        path = existing_file(spec, "model")
+        if path.suffix.lower() == ".keras":
+            raise CliError(
+                f"{spec!r} is a Keras model: this command takes PyTorch models (Keras models work with explain, "
+                "summary, doctor, recalibrate and fold)"
+            )
         if _is_torchscript(path):
             try:
                 model = torch.jit.load(str(path), map_location="cpu")
@@ -227,7 +182,7 @@ def load_model(spec: str, weights: str | None = None, *, trust_pickle: bool = Fa
     if weights is not None:
         if loaded.kind == "torchscript":
             raise CliError("--weights cannot be applied to a TorchScript model")
-        weights_path = _existing(weights, "weights")
+        weights_path = existing_file(weights, "weights")
         _apply_weights(loaded.model, weights_path, trust_pickle=trust_pickle)
         loaded.weights = weights_path
     return loaded
@@ -326,10 +281,10 @@ def _from_object(obj: Any, batch_size: int, where: str) -> DataSource:
     if isinstance(obj, (torch.Tensor, np.ndarray)):
         return _split(_to_tensor(obj, where), batch_size, where)
     if isinstance(obj, dict):
-        for key in _DATA_KEYS:
+        for key in DATA_KEYS:
             if key in obj:
                 return _from_object(obj[key], batch_size, f"{where}[{key!r}]")
-        raise CliError(f"data {where}: a dict without any of the keys {', '.join(_DATA_KEYS)}")
+        raise CliError(f"data {where}: a dict without any of the keys {', '.join(DATA_KEYS)}")
     if isinstance(obj, (tuple, list)) and obj:
         first = obj[0]
         labelled = (
@@ -369,160 +324,17 @@ def load_data(spec: str, *, batch_size: int = 64) -> DataSource:
             raise CliError(f"data factory {spec!r} returned a {type(obj).__name__}, not an iterable of batches")
         length = len(obj) if hasattr(obj, "__len__") else None
         return DataSource(obj, f"{spec}", length)
-    path = _existing(spec, "data")
+    path = existing_file(spec, "data")
     suffix = path.suffix.lower()
     if suffix in (".pt", ".pth"):
         return _from_object(_read(path, "data", trust_pickle=False), batch_size, spec)
     if suffix in (".npy", ".npz"):
-        import numpy as np
-
-        try:
-            arrays = np.load(path, allow_pickle=False)
-        except Exception as exc:  # corrupt or pickled arrays
-            raise CliError(f"cannot load data file {spec!r}: {first_line(exc)}") from exc
-        if suffix == ".npy":
-            return _split(_to_tensor(arrays, spec), batch_size, spec)
-        with arrays:
-            names = list(arrays.files)
-            key = next((k for k in _DATA_KEYS if k in names), names[0] if len(names) == 1 else None)
-            if key is None:
-                raise CliError(
-                    f"data file {spec!r} holds arrays {', '.join(names)}: name the inputs one of "
-                    f"{', '.join(_DATA_KEYS)}"
-                )
-            try:
-                array = arrays[key]
-            except ValueError as exc:  # object arrays need pickle, which data loading never uses
-                raise CliError(
-                    f"cannot load data file {spec!r}: array {key!r} holds Python objects (it would need pickle); "
-                    "save numeric arrays"
-                ) from exc
-            return _split(_to_tensor(array, f"{spec}[{key!r}]"), batch_size, f"{spec}[{key!r}]")
+        array, where = read_array(path, spec)
+        return _split(_to_tensor(array, where), batch_size, where)
     raise CliError(
         f"unknown data format {suffix or '(no suffix)'!r} for {spec!r}: use .pt, .pth, .npy, .npz or "
         "package.module:factory"
     )
-
-
-def check_output_path(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
-    """Validate an output path before any work: not an input file, an existing directory, not a directory.
-
-    Raises:
-        CliError: ``path`` is one of ``inputs`` (or the same file through a link), or its directory is missing.
-
-    Example:
-        >>> check_output_path("out.pt", ["model.pt"]).name
-        'out.pt'
-    """
-    target = Path(path)
-    for item in inputs:
-        source = Path(item)
-        if target.resolve() == source.resolve() or (
-            target.exists() and source.exists() and os.path.samefile(target, source)
-        ):
-            raise CliError(f"refusing to overwrite the input file {str(source)!r}: choose another -o/--output")
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise CliError(f"output directory {str(directory)!r} does not exist")
-    if target.is_dir():
-        raise CliError(f"output {str(target)!r} is a directory: give a file name")
-    return target
-
-
-def write_atomic(
-    path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], *, inputs: Iterable[str | os.PathLike[str]] = ()
-) -> Path:
-    """Write a file through a temporary file in the same directory and ``os.replace``; never over an input.
-
-    A reader never sees a half-written file. On any error, Ctrl-C or SIGTERM the temporary file is removed and
-    an existing file at ``path`` is left as it was. Replacing a file keeps its permission bits; a new file gets
-    the permissions ``open()`` would give it. A full disk or an unwritable directory is one line naming the file.
-
-    Raises:
-        CliError: ``path`` is one of ``inputs`` (or the same file through a link), its directory is missing, or
-            the operating system refused the write (full disk, permissions, read-only file system).
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> out = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
-        >>> write_atomic(out, lambda f: f.write(b"ok")).read_bytes()
-        b'ok'
-    """
-    target = check_output_path(path, inputs)
-    mode = _mode_for(target)
-    handle: _RecordingWriter | None = None
-    tmp_name: str | None = None
-    try:
-        with _terminate_as_interrupt():
-            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as raw:
-                handle = _RecordingWriter(raw)
-                write(handle)  # type: ignore[arg-type]
-                handle.flush()
-                os.fsync(raw.fileno())
-            os.chmod(tmp_name, mode)
-            os.replace(tmp_name, target)
-    except BaseException as exc:
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-        os_error = exc if isinstance(exc, OSError) else (handle.error if handle is not None else None)
-        if os_error is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit, CliError)):
-            reason = os_error.strerror or first_line(os_error)
-            raise CliError(f"cannot write {str(target)!r}: {reason}; nothing was written") from exc
-        raise
-    return target
-
-
-def _mode_for(target: Path) -> int:
-    if target.exists():
-        return stat.S_IMODE(target.stat().st_mode)
-    umask = os.umask(0)  # there is no way to read the umask without setting it
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-class _RecordingWriter:
-    """A binary file that remembers the operating system's error: torch.save reports a full disk only as
-    ``[enforce fail at inline_container.cc] unexpected pos``, which names neither the file nor the cause."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self._raw = raw
-        self.error: OSError | None = None
-
-    def write(self, data: Any) -> int:
-        try:
-            return self._raw.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        try:
-            self._raw.flush()
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._raw, name)
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit(143) while writing, so the temporary file is cleaned up as on Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield  # only the main thread may set handlers, and a handler the program installed is its own
-        return
-
-    def _exit(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _exit)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 SAVE_FORMATS = ("auto", "module", "state_dict", "torchscript")

@@ -31,6 +31,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("doctor", "bnkit.cli.commands.doctor", "find BatchNorm mistakes (ported momentum, frozen-stats traps, ...)"),
     ("shift", "bnkit.cli.commands.shift", "domain-shift score of data against the running statistics"),
     ("fuse", "bnkit.cli.commands.fuse", "fold BatchNorm into neighbouring conv/linear layers for deployment"),
+    ("fold", "bnkit.cli.commands.fold", "fold BatchNormalization into neighbouring layers of a Keras model (.keras)"),
     ("recalibrate", "bnkit.cli.commands.recalibrate", "recompute running statistics from data (precise BN, AdaBN)"),
     ("convert", "bnkit.cli.commands.convert", "convert BatchNorm layers: bnkit, torch, sync, group"),
     ("study", "bnkit.cli.commands.study", "should I freeze BatchNorm when fine-tuning? measured answer"),
@@ -79,7 +80,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog=PROG,
         description="bnkit: see what BatchNorm is doing, fix it, and make it behave.",
         epilog="Run 'bnkit COMMAND --help' for a command's options. Models: package.module:factory "
-        "[--weights ckpt], a module saved with torch.save (trusted files only), or a TorchScript file (summary).",
+        "[--weights ckpt], a module saved with torch.save (trusted files only), a TorchScript file (summary), or a "
+        "Keras 3 file NAME.keras (explain, summary, doctor, recalibrate, fold; --backend tensorflow|jax|torch).",
     )
     from bnkit import __version__
 
@@ -112,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ...
         0
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from bnkit.cli.commands import join_size_arguments
+
+    argv = join_size_arguments(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv
     command = _command_name(argv)
     try:
@@ -152,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _describe(exc: BaseException) -> str:
-    from bnkit.cli.io import CliError
+    from bnkit.cli.files import CliError
     from bnkit.shared.errors import first_line
 
     if isinstance(exc, (CliError, ValueError, TypeError, FileNotFoundError)):

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from bnkit.shared.table import format_cell, text_table
 
-__all__ = ["Result", "Table", "emit", "error_line", "jsonable", "print_blocks", "progress", "use_rich"]
+__all__ = ["Result", "Table", "emit", "error_line", "jsonable", "note_line", "print_blocks", "progress", "use_rich"]
 
 
 @dataclass
@@ -176,6 +176,19 @@ def error_line(prog: str, message: str, stream: IO[str] | None = None) -> None:
     stream = stream if stream is not None else sys.stderr
     flat = " ".join(message.split())
     stream.write(f"{prog}: error: {flat}\n")
+
+
+def note_line(prog: str, message: str, stream: IO[str] | None = None) -> None:
+    """Print ``prog: note: message`` as exactly one line on stderr (what the command did on the user's behalf;
+    stdout keeps the result, so ``--json`` output stays parseable).
+
+    Example:
+        >>> import io; s = io.StringIO(); note_line("bnkit doctor", "put the model\\nin eval mode", s); s.getvalue()
+        'bnkit doctor: note: put the model in eval mode\\n'
+    """
+    stream = stream if stream is not None else sys.stderr
+    flat = " ".join(message.split())
+    stream.write(f"{prog}: note: {flat}\n")
 
 
 def progress(items: Iterable[Any], total: int | None, description: str) -> Iterator[Any]:

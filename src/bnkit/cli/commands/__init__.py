@@ -21,22 +21,30 @@ whose one-line help ``bnkit --help`` shows), either
 The helpers below hold what several commands share: the ``MODEL`` and ``DATA`` arguments, ``--input-size`` and
 the example batch made from it, and loading an eager model.
 
-Which model forms each command accepts (``package.module:factory [--weights]``, a pickled module, TorchScript):
-every command takes factories and pickled modules; TorchScript files only ``summary``.
+Which model forms each command accepts (``package.module:factory [--weights]``, a pickled module, TorchScript,
+a Keras ``.keras`` file): every command takes factories and pickled modules; TorchScript files only ``summary``;
+``.keras`` files ``explain``, ``summary``, ``doctor``, ``recalibrate`` and ``fold`` (with ``--backend``).
+
+This module imports neither torch nor Keras: the PyTorch loaders (:mod:`bnkit.cli.io`) are imported by the
+functions that need them, so a Keras command never imports torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from bnkit.cli.files import CliError
 
-from bnkit.cli.io import CliError, LoadedModel, load_model, require_eager
-from bnkit.tools.model_inputs import input_device_dtype
+if TYPE_CHECKING:  # torch is imported by the PyTorch commands only: the Keras path never imports it
+    import torch
+
+    from bnkit.cli.io import LoadedModel
 
 __all__ = [
+    "add_backend",
     "add_data_arguments",
     "add_input_size",
     "add_model_arguments",
@@ -44,6 +52,8 @@ __all__ = [
     "example_batch",
     "example_from_size",
     "first_batch",
+    "join_size_arguments",
+    "keras_model_given",
     "load_eager",
     "parse_size",
     "positive_int",
@@ -51,7 +61,12 @@ __all__ = [
 
 MODEL_HELP = (
     "the model: package.module:factory (called without arguments; use --weights for a checkpoint), a module "
-    "saved with torch.save(model, path) (unpickled: trusted files only), or a TorchScript file (summary only)"
+    "saved with torch.save(model, path) (unpickled: trusted files only), a TorchScript file (summary only), or "
+    "a Keras 3 model file NAME.keras (explain, summary, doctor, recalibrate, fold; see --backend)"
+)
+BACKEND_HELP = (
+    "Keras backend for a .keras model (sets KERAS_BACKEND before Keras is imported; default: Keras's own "
+    "choice, KERAS_BACKEND or ~/.keras/keras.json)"
 )
 DATA_HELP = (
     "the data: a .pt/.pth tensor or (inputs, labels) pair, a .npy/.npz array, or package.module:factory "
@@ -124,28 +139,66 @@ def add_trust_pickle(parser: argparse.ArgumentParser) -> None:
         "--trust-pickle",
         action="store_true",
         help="allow loading files that can run code when unpickled (a module saved with torch.save(model), "
-        "checkpoints with custom objects); only for files you trust. Without it such files are refused",
+        "checkpoints with custom objects) or loaded (a .keras file with a Lambda layer: Keras's safe_mode=False); "
+        "only for files you trust. Without it such files are refused",
     )
 
 
-def parse_size(text: str) -> tuple[int, ...]:
-    """``"1,64,64"`` or ``"1x64x64"`` -> ``(1, 64, 64)``.
+_SIZE_TOKEN = re.compile(r"^(?=.*[0-9])[-0-9x,]+$")  # "-1" too: parse_size then says what is wrong
+_SIZE_SEPARATORS = re.compile(r"[\s,x]+")
+
+
+def parse_size(text: str | Sequence[str]) -> tuple[int, ...]:
+    """``"1,64,64"``, ``"1x64x64"``, ``"1 64 64"`` or ``["1", "64", "64"]`` -> ``(1, 64, 64)``.
 
     Raises:
         CliError: not a list of positive integers.
 
     Example:
-        >>> parse_size("1x64x64")
-        (1, 64, 64)
+        >>> parse_size("1x64x64"), parse_size("3 224 224"), parse_size(["3", "8", "8"])
+        ((1, 64, 64), (3, 224, 224), (3, 8, 8))
     """
-    parts = text.replace("x", ",").replace(" ", "").split(",")
+    joined = text if isinstance(text, str) else " ".join(text)
+    parts = [p for p in _SIZE_SEPARATORS.split(joined.strip()) if p]
     try:
-        size = tuple(int(p) for p in parts if p)
+        size = tuple(int(p) for p in parts)
     except ValueError:
         size = ()
     if not size or any(d < 1 for d in size):
-        raise CliError(f"--input-size {text!r}: expected positive integers like 3,224,224 (no batch dimension)")
+        raise CliError(
+            f"--input-size {joined!r}: expected positive integers like 3,224,224 or 3 224 224 (no batch dimension)"
+        )
     return size
+
+
+def join_size_arguments(argv: Sequence[str]) -> list[str]:
+    """Let ``--input-size`` take its numbers as separate words: ``--input-size 3 224 224`` becomes
+    ``--input-size 3,224,224`` (the number words right after the option are joined; ``MODEL`` and the rest stay).
+
+    Example:
+        >>> join_size_arguments(["summary", "--input-size", "3", "224", "224", "m.pt"])
+        ['summary', '--input-size', '3,224,224', 'm.pt']
+        >>> join_size_arguments(["summary", "m.pt", "--input-size", "3,8,8"])
+        ['summary', 'm.pt', '--input-size', '3,8,8']
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        out.append(arg)
+        i += 1
+        if arg == "--":
+            out.extend(argv[i:])
+            break
+        if arg != "--input-size":
+            continue
+        numbers: list[str] = []
+        while i < len(argv) and _SIZE_TOKEN.match(argv[i]):
+            numbers.append(argv[i])
+            i += 1
+        if numbers:
+            out.append(",".join(n.strip(",") for n in numbers))
+    return out
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +215,39 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-batches", type=positive_int, default=None, help="use at most this many batches")
 
 
+def add_backend(parser: argparse.ArgumentParser) -> None:
+    """``--backend tensorflow|jax|torch`` for ``.keras`` models.
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_backend(p)
+        >>> p.parse_args(["--backend", "jax"]).backend
+        'jax'
+    """
+    parser.add_argument("--backend", choices=["tensorflow", "jax", "torch"], default=None, help=BACKEND_HELP)
+
+
+def keras_model_given(args: argparse.Namespace) -> bool:
+    """True when ``MODEL`` is a ``.keras`` file; for a PyTorch model, refuses ``--backend`` (it is Keras's).
+
+    Raises:
+        CliError: ``--backend`` given with a PyTorch model, or ``--weights`` with a ``.keras`` one.
+
+    Example:
+        >>> keras_model_given(argparse.Namespace(model="m.keras", weights=None, backend="jax"))
+        True
+    """
+    from bnkit.cli.keras_io import is_keras_file
+
+    if is_keras_file(args.model):
+        if getattr(args, "weights", None) is not None:
+            raise CliError(f"--weights does not apply to the Keras model {args.model!r}: its weights are in the file")
+        return True
+    backend = getattr(args, "backend", None)
+    if backend is not None:
+        raise CliError(f"--backend {backend} applies to Keras models (.keras files); {args.model!r} is a PyTorch model")
+    return False
+
+
 def load_eager(args: argparse.Namespace, command: str) -> tuple[LoadedModel, torch.nn.Module]:
     """``MODEL``/``--weights`` loaded, and the eager module (a one-line error for TorchScript).
 
@@ -169,6 +255,8 @@ def load_eager(args: argparse.Namespace, command: str) -> tuple[LoadedModel, tor
         >>> load_eager(argparse.Namespace(model="torch.nn:Identity", weights=None), "explain")[1]
         Identity()
     """
+    from bnkit.cli.io import load_model, require_eager
+
     loaded = load_model(args.model, args.weights, trust_pickle=getattr(args, "trust_pickle", False))
     return loaded, require_eager(loaded, command)
 
@@ -188,9 +276,14 @@ def example_from_size(model: torch.nn.Module, size: Sequence[int], batch: int, s
     """A random normal batch ``[batch, *size]`` on the model's device and dtype (seeded: reproducible).
 
     Example:
+        >>> import torch
         >>> example_from_size(torch.nn.Linear(3, 2), (3,), 4).shape
         torch.Size([4, 3])
     """
+    import torch
+
+    from bnkit.tools.model_inputs import input_device_dtype
+
     device, dtype = input_device_dtype(model)
     generator = torch.Generator().manual_seed(seed)
     return torch.randn((batch, *size), generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
@@ -200,6 +293,7 @@ def example_batch(model: torch.nn.Module, input_size: str | None, batch: int) ->
     """:func:`example_from_size` for ``--input-size`` text, or None when it was not given.
 
     Example:
+        >>> import torch
         >>> example_batch(torch.nn.Linear(3, 2), "3", 4).shape, example_batch(torch.nn.Linear(3, 2), None, 4)
         (torch.Size([4, 3]), None)
     """
@@ -210,8 +304,8 @@ def first_batch(batches: Any) -> Any:
     """The first batch of a data source, or a one-line error when there is none.
 
     Example:
-        >>> first_batch([torch.zeros(1)])
-        tensor([0.])
+        >>> first_batch([[1.0], [2.0]])
+        [1.0]
     """
     for batch in batches:
         return batch

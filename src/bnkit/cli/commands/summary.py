@@ -5,15 +5,23 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bnkit.cli.commands import add_input_size, add_model_arguments, command_main, parse_size
-from bnkit.cli.io import load_model
+from bnkit.cli.commands import (
+    add_backend,
+    add_input_size,
+    add_model_arguments,
+    command_main,
+    keras_model_given,
+    parse_size,
+)
+from bnkit.cli.files import CliError
 from bnkit.cli.output import Table
 
 NAME = "summary"
 DESCRIPTION = (
     "parameter counts, Keras style and PyTorch style side by side. Keras style"
     " counts BatchNorm moving statistics and frozen parameters as "
-    "non-trainable, exactly as Keras's model.summary(); PyTorch style gives parameters and buffers."
+    "non-trainable, exactly as Keras's model.summary(); PyTorch style gives parameters and buffers. "
+    "Takes Keras models too (NAME.keras: bnkit.keras.summary)."
 )
 
 
@@ -26,7 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         '1,64,64'
     """
     add_model_arguments(parser)
-    add_input_size(parser, "input shape without the batch dimension, e.g. 1,64,64: adds output shapes")
+    add_input_size(
+        parser,
+        "input shape without the batch dimension, e.g. 1,64,64 or 1 64 64: adds output shapes (PyTorch models; "
+        "a .keras model has its own)",
+    )
+    add_backend(parser)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -36,11 +49,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         >>> run(argparse.Namespace(model="torch.nn:Identity", weights=None, input_size=None))["total"]
         0
     """
+    if keras_model_given(args):
+        from bnkit.cli.keras_io import load_keras_model
+        from bnkit.keras.accounting import summary as keras_summary
+
+        if args.input_size:
+            raise CliError(
+                "--input-size is for PyTorch models: a .keras model is built, and its output shapes are read from it"
+            )
+        loaded = load_keras_model(args.model, trust_pickle=args.trust_pickle, backend=args.backend)
+        return keras_summary(loaded.model).to_dict()
+    from bnkit.cli.io import load_model
     from bnkit.inspection.summary import summary
 
-    loaded = load_model(args.model, args.weights, trust_pickle=getattr(args, "trust_pickle", False))
+    loaded_torch = load_model(args.model, args.weights, trust_pickle=getattr(args, "trust_pickle", False))
     size = parse_size(args.input_size) if args.input_size else None
-    return summary(loaded.model, input_size=size).to_dict()
+    return summary(loaded_torch.model, input_size=size).to_dict()
 
 
 def render(data: dict[str, Any]) -> list[Table | str]:
@@ -50,7 +74,7 @@ def render(data: dict[str, Any]) -> list[Table | str]:
         >>> render(run(argparse.Namespace(model="torch.nn:Identity", weights=None, input_size=None)))[-1]
         'Keras style:   total 0  trainable 0  non-trainable 0\\nPyTorch style: parameters 0  trainable 0  buffers 0'
     """
-    from bnkit.inspection.summary import Summary
+    from bnkit.shared.summary import Summary
 
     counts = Summary.from_dict(data)
     return [Table(None, counts.columns, counts.table_rows()), counts.footer()]
