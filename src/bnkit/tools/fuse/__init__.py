@@ -54,11 +54,11 @@ import torch
 from torch import nn
 
 from bnkit.layers.keras_guard import refuse_keras
+from bnkit.layers.kinds import unrecognised_running_stats
 from bnkit.shared.errors import first_line
 from bnkit.tools.fuse.apply import apply_fold, transplant
 from bnkit.tools.fuse.check import compare, describe_output, find_culprit
 from bnkit.tools.fuse.inputs import generate_inputs
-from bnkit.tools.fuse.norms import holds_running_stats, norm_view
 from bnkit.tools.fuse.plan import make_plan
 from bnkit.tools.fuse.report import FoldRecord, FuseReport, SkipRecord
 from bnkit.tools.fuse.trace import RecordedRun, fresh, run_recording
@@ -197,9 +197,7 @@ def fuse_with_report(
     report.folded = [FoldRecord(op.bn, op.layer, op.position, op.note) for op in plan.folds]
     report.skipped = [SkipRecord(name, reason) for name, reason in plan.skipped.items()]
     report.notes.extend(plan.notes)
-    report.unrecognised = [
-        name or "<model>" for name, m in work.named_modules() if holds_running_stats(m) and norm_view(m) is None
-    ]
+    report.unrecognised = [name or "<model>" for name, _ in unrecognised_running_stats(work)]
     for op in plan.folds:
         apply_fold(work, op)
     work.eval()

@@ -2,10 +2,11 @@
 (``scale * x + shift`` on a channel axis), possibly followed by modules it applies after normalising (the drop
 and activation of a timm ``BatchNormAct2d``), which the fold keeps.
 
-Recognised by class, never by importing torchvision or timm: ``torch.nn`` BatchNorm (any subclass that keeps
-its ``forward``), ``SyncBatchNorm``, ``bnkit.BatchNorm``, torchvision's ``FrozenBatchNorm2d`` (which timm
-re-exports), timm's ``BatchNormAct2d``, ``SyncBatchNormAct``, ``FrozenBatchNormAct2d`` and ``SplitBatchNorm2d``
-(eval path).
+Which layers are BatchNorms is :func:`bnkit.layers.kinds.describe_batchnorm`'s business (torch, SyncBatchNorm,
+bnkit, torchvision/timm FrozenBatchNorm2d, timm BatchNormAct2d/SyncBatchNormAct/FrozenBatchNormAct2d, look-alikes
+and registered classes; never by importing torchvision or timm). What fuse adds is whether it knows the
+``forward`` that runs: a subclass of one of those classes that overrides ``forward`` may compute anything else
+(a fused activation, say), so it is described but not folded.
 """
 
 from __future__ import annotations
@@ -15,26 +16,33 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit.core.normalize import scale_shift
-from bnkit.layers.find import is_batchnorm
+from bnkit.layers.kinds import BatchNormInfo, describe_batchnorm
 
-__all__ = ["ChannelAffine", "NormView", "holds_running_stats", "norm_view"]
+__all__ = ["ChannelAffine", "NormView", "norm_view"]
 
-# (module, qualname) of the class that defines forward -> names of the modules applied after normalising.
-_KNOWN_FORWARDS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("torch.nn.modules.batchnorm", "_BatchNorm"): (),
-    ("torch.nn.modules.batchnorm", "SyncBatchNorm"): (),
-    ("bnkit.layers.batchnorm", "BatchNorm"): (),
-    ("torchvision.ops.misc", "FrozenBatchNorm2d"): (),
-    ("timm.layers.norm_act", "FrozenBatchNorm2d"): (),
-    ("timm.layers.norm_act", "BatchNormAct2d"): ("drop", "act"),
-    ("timm.layers.norm_act", "SyncBatchNormAct"): ("drop", "act"),
-    ("timm.layers.norm_act", "FrozenBatchNormAct2d"): ("drop", "act"),
-    ("timm.layers.split_batchnorm", "SplitBatchNorm2d"): ("drop", "act"),
-}
-_FROZEN = {"FrozenBatchNorm2d", "FrozenBatchNormAct2d"}
+# The classes whose forward fuse knows, by (module, qualname) of the class that defines it, for the kinds whose
+# forward a subclass may override. Look-alikes and registered classes are taken at their word (kinds' contract:
+# they compute the BatchNorm map), and the check compares the outputs anyway.
+_KNOWN_FORWARDS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("torch.nn.modules.batchnorm", "_BatchNorm"),
+        ("torch.nn.modules.batchnorm", "SyncBatchNorm"),
+        ("bnkit.layers.batchnorm", "BatchNorm"),
+        ("torchvision.ops.misc", "FrozenBatchNorm2d"),
+        ("timm.layers.norm_act", "FrozenBatchNorm2d"),
+        ("timm.layers.norm_act", "BatchNormAct2d"),
+        ("timm.layers.norm_act", "SyncBatchNormAct"),
+        ("timm.layers.norm_act", "FrozenBatchNormAct2d"),
+        ("timm.models.layers.norm_act", "BatchNormAct2d"),
+        ("timm.models.layers.norm_act", "SyncBatchNormAct"),
+        ("timm.models.layers.norm_act", "FrozenBatchNormAct2d"),
+        # eval path: the BatchNorm, then drop and act when converted from a BatchNormAct2d
+        ("timm.layers.split_batchnorm", "SplitBatchNorm2d"),
+    }
+)
+_TRUSTED_KINDS = frozenset({"lookalike-frozen", "registered"})
 
 
 @dataclass(frozen=True)
@@ -60,15 +68,13 @@ def _forward_owner(module: nn.Module) -> type:
 
 @dataclass(frozen=True)
 class NormView:
-    """A BatchNorm-like layer as fuse sees it.
+    """A BatchNorm-like layer as fuse sees it: bnkit's description of it, and what fuse adds.
 
     Attributes:
-        module: The layer.
-        kind: Its class name, for messages.
-        understood: Whether bnkit knows what its ``forward`` computes (False for a subclass that overrides it).
-        post: Names of its submodules applied after normalising, in order (``("drop", "act")`` for timm's
-            BatchNormAct), those that are ``nn.Identity`` left out.
-        frozen: Whether its statistics and affine terms are buffers that never change (``FrozenBatchNorm2d``).
+        info: :func:`bnkit.layers.kinds.describe_batchnorm`'s description.
+        understood: Whether fuse knows what its ``forward`` computes (False for a subclass that overrides it).
+        post: The modules it applies after normalising, by role, in order (``("drop", ...)``, ``("act", ...)``;
+            ``nn.Identity`` left out).
 
     Example:
         >>> view = norm_view(nn.BatchNorm2d(3))
@@ -76,24 +82,29 @@ class NormView:
         ('BatchNorm2d', 3, (), 1)
     """
 
-    module: nn.Module
-    kind: str
+    info: BatchNormInfo
     understood: bool
-    post: tuple[str, ...]
-    frozen: bool
+    post: tuple[tuple[str, nn.Module], ...]
+
+    @property
+    def module(self) -> nn.Module:
+        """The layer."""
+        return self.info.module
+
+    @property
+    def kind(self) -> str:
+        """Its class name, for messages."""
+        return type(self.info.module).__name__
 
     @property
     def num_features(self) -> int:
-        """Channels it normalises (from its running mean, so frozen layers without ``num_features`` work)."""
-        mean = getattr(self.module, "running_mean", None)
-        if isinstance(mean, Tensor) and not isinstance(mean, nn.parameter.UninitializedTensorMixin):
-            return int(mean.numel())
-        return int(getattr(self.module, "num_features", 0))
+        """Channels it normalises."""
+        return self.info.num_features
 
     @property
     def configured_axis(self) -> int:
         """The channel axis it was built with (negative for bnkit's channels-last layers)."""
-        return 1 if isinstance(self.module, _BatchNorm) else int(getattr(self.module, "axis", 1))
+        return self.info.channel_axis
 
     def channel_axis(self, ndim: int | None) -> int | None:
         """The non-negative channel axis for an input of rank ``ndim``; None when unknown or out of range."""
@@ -106,32 +117,41 @@ class NormView:
 
     def uses_running_stats(self) -> bool:
         """Whether its eval-mode output is the affine map of its running statistics."""
-        module = self.module
-        if getattr(module, "running_mean", None) is None or getattr(module, "running_var", None) is None:
+        if not self.info.has_running_stats:
             return False
-        uses_batch = getattr(module, "uses_batch_stats", None)
+        uses_batch = getattr(self.module, "uses_batch_stats", None)
         return not (uses_batch is not None and uses_batch(training=False))
 
     def affine(self) -> ChannelAffine:
         """Its eval-mode ``(scale, shift)`` in float64 (float32 where float64 is unsupported)."""
-        module = self.module
-        mean = module.running_mean
+        info = self.info
+        mean, var = info.running_mean, info.running_var
         dtype = torch.float32 if mean.device.type == "mps" else torch.float64
-        weight = None if module.weight is None else module.weight.detach().to(dtype)
-        bias = None if module.bias is None else module.bias.detach().to(dtype)
+        weight = None if info.weight is None else info.weight.detach().to(dtype)
+        bias = None if info.bias is None else info.bias.detach().to(dtype)
         with torch.no_grad():
-            scale, shift = scale_shift(mean.to(dtype), module.running_var.to(dtype), weight, bias, float(module.eps))
+            scale, shift = scale_shift(mean.detach().to(dtype), var.detach().to(dtype), weight, bias, info.eps)
         return ChannelAffine(scale, shift)
 
     def replacement(self) -> nn.Module:
-        """What takes its place once its affine map is folded: ``nn.Identity``, its one post module, or an
-        ``nn.Sequential`` of its post modules under their own names (``drop``, ``act``)."""
-        modules = [(name, getattr(self.module, name)) for name in self.post]
-        if not modules:
+        """What takes its place once its affine map is folded: ``nn.Identity``, its one post module (the
+        activation), or an ``nn.Sequential`` of its post modules under their roles (``drop``, ``act``)."""
+        if not self.post:
             return nn.Identity()
-        if len(modules) == 1:
-            return modules[0][1]
-        return nn.Sequential(OrderedDict(modules))
+        if len(self.post) == 1:
+            return self.post[0][1]
+        return nn.Sequential(OrderedDict(self.post))
+
+
+def _post(info: BatchNormInfo, owner: type) -> tuple[tuple[str, nn.Module], ...]:
+    drop, act = info.drop, info.activation
+    if owner.__qualname__ == "SplitBatchNorm2d":  # described as a torch BN; drop/act exist after conversion
+        drop, act = getattr(info.module, "drop", None), getattr(info.module, "act", None)
+    return tuple(
+        (role, module)
+        for role, module in (("drop", drop), ("act", act))
+        if isinstance(module, nn.Module) and not isinstance(module, nn.Identity)
+    )
 
 
 def norm_view(module: nn.Module) -> NormView | None:
@@ -141,29 +161,9 @@ def norm_view(module: nn.Module) -> NormView | None:
         >>> norm_view(nn.GroupNorm(1, 4)) is None, norm_view(nn.SyncBatchNorm(4)).understood
         (True, True)
     """
-    owner = _forward_owner(module)
-    post_names = _KNOWN_FORWARDS.get((owner.__module__, owner.__qualname__))
-    if post_names is None and not is_batchnorm(module):
+    info = describe_batchnorm(module)
+    if info is None:
         return None
-    post = tuple(
-        name
-        for name in post_names or ()
-        if isinstance(getattr(module, name, None), nn.Module) and not isinstance(getattr(module, name), nn.Identity)
-    )
-    return NormView(
-        module=module,
-        kind=type(module).__name__,
-        understood=post_names is not None,
-        post=post,
-        frozen=owner.__qualname__ in _FROZEN,
-    )
-
-
-def holds_running_stats(module: nn.Module) -> bool:
-    """Whether ``module`` itself has a ``running_mean`` or ``running_var`` tensor (any BatchNorm look-alike).
-
-    Example:
-        >>> holds_running_stats(nn.BatchNorm1d(2)), holds_running_stats(nn.Linear(2, 2))
-        (True, False)
-    """
-    return any(isinstance(getattr(module, name, None), Tensor) for name in ("running_mean", "running_var"))
+    owner = _forward_owner(module)
+    understood = info.kind in _TRUSTED_KINDS or (owner.__module__, owner.__qualname__) in _KNOWN_FORWARDS
+    return NormView(info=info, understood=understood, post=_post(info, owner))

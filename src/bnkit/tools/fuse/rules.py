@@ -46,10 +46,10 @@ def norm_problem(view: NormView, multiplicity: Counter[int]) -> str | None:
     bn = view.module
     if not view.understood:
         return f"{view.kind} overrides forward (e.g. a fused activation); folding would drop that, so it is kept"
-    if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
-        return "track_running_stats=False: it normalises with batch statistics in eval, not an affine map"
-    if isinstance(bn.running_mean, nn.parameter.UninitializedTensorMixin):
+    if view.info.lazy:
         return "lazy layer not initialised; run the model once or pass example_inputs"
+    if not view.info.has_running_stats:
+        return "track_running_stats=False: it normalises with batch statistics in eval, not an affine map"
     if not view.uses_running_stats():
         return "it normalises with batch statistics in eval, not an affine map"
     if multiplicity[id(bn)] > 1:
@@ -152,7 +152,7 @@ def kept_note(view: NormView) -> str:
     """
     if not view.post:
         return ""
-    kept = ", ".join(f"{name} ({type(getattr(view.module, name)).__name__})" for name in view.post)
+    kept = ", ".join(f"{role} ({type(module).__name__})" for role, module in view.post)
     return f"kept {kept}"
 
 
@@ -179,7 +179,7 @@ def before_verdict(view: NormView, bn_rank: int | None, layer_name: str, layer: 
         "conv has zero padding (1, 1): border outputs would see zeros, not the BN's shift"
     """
     if view.post:
-        applied = ", ".join(type(getattr(view.module, name)).__name__ for name in view.post)
+        applied = ", ".join(type(module).__name__ for _, module in view.post)
         return Verdict(f"it applies {applied} after normalising, so its map cannot move into {layer_name}")
     verdict = _channels_verdict(layer_name, layer, view, bn_rank, "input")
     if not verdict.ok or isinstance(layer, nn.Linear):

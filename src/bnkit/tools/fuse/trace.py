@@ -68,9 +68,15 @@ class Tracer(fx.Tracer):
         self.opaque = opaque
         self.culprit: int | None = None
         self.stack: list[nn.Module] = []
+        self.kinds: set[int] = set()
+
+    def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:  # type: ignore[override]
+        # Decided before tracing: while fx traces, reading a module's tensors records get_attr nodes.
+        self.kinds = {id(m) for m in root.modules() if is_leaf_kind(m)}
+        return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if id(m) in self.opaque or is_leaf_kind(m):
+        if id(m) in self.opaque or id(m) in self.kinds:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
