@@ -451,6 +451,30 @@ def test_module_patterns_are_used_when_tracing_fails(monkeypatch: pytest.MonkeyP
     assert "zero padding" in skipped(report)["6"]
 
 
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.fc, self.fc_bn = nn.Linear(5, 4), nn.BatchNorm1d(4)
+
+    def forward(self, image: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(image)).mean(dim=(2, 3)) + self.fc_bn(self.fc(vector))
+
+
+@pytest.mark.parametrize("convention", ["tuple", "mapping", "callable"])
+def test_example_inputs_follow_the_one_calling_convention(convention: str):
+    model = randomize(TwoInputs())
+    image, vector = torch.randn(2, 3, 6, 6), torch.randn(2, 5)
+    example = {
+        "tuple": (image, vector),
+        "mapping": {"image": image, "vector": vector},
+        "callable": lambda m: m(image, vector=vector),
+    }[convention]
+    fused, report = fuse_with_report(model, example)
+    assert folded(report) == {"bn": ("conv", "after"), "fc_bn": ("fc", "after")} and report.compared == 8
+    assert_matches(fused, model, image, vector)
+
+
 def test_example_inputs_are_not_changed_by_an_in_place_first_layer():
     model = randomize(nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     x = torch.randn(2, 3, 6, 6)
@@ -523,15 +547,17 @@ class RunningStatsNorm(nn.Module):
 def test_unrecognised_modules_with_running_statistics_are_named_in_a_warning_and_the_report():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), RunningStatsNorm(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
     x = torch.randn(2, 3, 6, 6)
-    with pytest.warns(UserWarning, match=r"1 module\(s\) hold running statistics .* not folded: 1 "):
+    with pytest.warns(UserWarning, match=r"fuse: modules with running statistics .* left out: 1; teach bnkit"):
         fused, report = fuse_with_report(model, x)
     assert report.unrecognised == ["1"] and folded(report) == {"3": ("2", "after")}
     assert "unrecognised: 1 module(s)" in str(report) and report.to_dict()["unrecognised"] == ["1"]
     assert_matches(fused, model, x)
 
     only_foreign = nn.Sequential(nn.Conv2d(3, 4, 3), RunningStatsNorm(4))
-    with pytest.warns(UserWarning, match=r"Sequential has no BatchNorm layer bnkit recognises.*not folded: 1 "):
+    with pytest.warns(UserWarning) as caught:
         fuse(only_foreign, x)
+    messages = [str(w.message) for w in caught]
+    assert any("left out: 1;" in m for m in messages) and any("has no BatchNorm layer bnkit" in m for m in messages)
     with pytest.warns(UserWarning, match=r"Sequential has no BatchNorm layer bnkit recognises; nothing was folded$"):
         fuse(nn.Sequential(nn.Conv2d(3, 4, 3)), x)
 

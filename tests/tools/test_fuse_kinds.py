@@ -246,7 +246,7 @@ def test_look_alike_frozen_batchnorm_is_folded_and_a_foreign_norm_is_named():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), DetectronFrozenBN(4), RunningOnly(4))
     randomise_statistics(model)
     x = torch.randn(2, 3, 6, 6)
-    with pytest.warns(UserWarning, match=r"not a BatchNorm bnkit recognises, so they were not folded: 2"):
+    with pytest.warns(UserWarning, match=r"fuse: modules with running statistics .* left out: 2;"):
         fused, report = fuse_with_report(model, x)
     assert folds(report) == {"1": ("0", "after")} and report.unrecognised == ["2"]
     assert_exact(fused(x), eval_output(model, x), rel=1e-5)

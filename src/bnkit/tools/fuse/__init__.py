@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from bnkit.layers.keras_guard import refuse_keras
-from bnkit.layers.kinds import unrecognised_running_stats
+from bnkit.layers.kinds import warn_unrecognised
 from bnkit.shared.errors import first_line
 from bnkit.tools.fuse.apply import apply_fold, transplant
 from bnkit.tools.fuse.check import compare, describe_output, find_culprit
@@ -197,7 +197,6 @@ def fuse_with_report(
     report.folded = [FoldRecord(op.bn, op.layer, op.position, op.note) for op in plan.folds]
     report.skipped = [SkipRecord(name, reason) for name, reason in plan.skipped.items()]
     report.notes.extend(plan.notes)
-    report.unrecognised = [name or "<model>" for name, _ in unrecognised_running_stats(work)]
     for op in plan.folds:
         apply_fold(work, op)
     work.eval()
@@ -225,7 +224,9 @@ def fuse_with_report(
                 "for which the model produces output (or check=False to fuse unchecked)"
             )
 
-    _warn_if_incomplete(label, report)
+    # Named on the copy, whose module names are the model's; warned about only once the check has passed.
+    report.unrecognised = list(warn_unrecognised(work, "fuse", stacklevel=3))
+    _warn_if_nothing_folded(label, report)
     if inplace:
         transplant(model, work, plan.folds)
         model.eval()
@@ -234,27 +235,16 @@ def fuse_with_report(
     return work, report
 
 
-def _listed(names: list[str], limit: int = 5) -> str:
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def _warn_if_incomplete(label: str, report: FuseReport) -> None:
-    """No silent no-op: warn when nothing folded, or when modules with running statistics were not recognised."""
-    parts = []
-    if not report.folded:
-        if report.skipped:
-            first = report.skipped[0]
-            parts.append(
-                f"none of the {len(report.skipped)} BatchNorm layer(s) of {label} could be folded "
-                f"(e.g. {first.bn}: {first.reason}; see report.skipped)"
-            )
-        else:
-            parts.append(f"{label} has no BatchNorm layer bnkit recognises; nothing was folded")
-    if report.unrecognised:
-        parts.append(
-            f"{len(report.unrecognised)} module(s) hold running statistics but are not a BatchNorm bnkit recognises, "
-            f"so they were not folded: {_listed(report.unrecognised)} (see report.unrecognised)"
+def _warn_if_nothing_folded(label: str, report: FuseReport) -> None:
+    """No silent no-op: say so when nothing was folded, and why."""
+    if report.folded:
+        return
+    if report.skipped:
+        first = report.skipped[0]
+        message = (
+            f"fuse: none of the {len(report.skipped)} BatchNorm layer(s) of {label} could be folded "
+            f"(e.g. {first.bn}: {first.reason}; see report.skipped)"
         )
-    if parts:
-        warnings.warn("fuse: " + "; ".join(parts), UserWarning, stacklevel=3)
+    else:
+        message = f"fuse: {label} has no BatchNorm layer bnkit recognises; nothing was folded"
+    warnings.warn(message, UserWarning, stacklevel=3)
