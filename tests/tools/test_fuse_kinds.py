@@ -141,6 +141,21 @@ def test_timm_frozen_batchnorm_act_folds_and_keeps_its_activation():
     assert_exact(fused(x), eval_output(model, x), rel=1e-5)
 
 
+def test_timm_split_batchnorm_folds_its_eval_path_and_keeps_its_activation():
+    from timm.layers import SplitBatchNorm2d, convert_splitbn_model
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), bn_act(act_layer=nn.SiLU), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    model = convert_splitbn_model(model, num_splits=2)  # AugMix-style: auxiliary BNs used in training only
+    assert isinstance(model[1], SplitBatchNorm2d) and isinstance(model[3], SplitBatchNorm2d)
+    randomise_statistics(model).eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused, report = fuse_with_report(model, x)
+    assert folds(report) == {"1": ("0", "after"), "3": ("2", "after")} and report.skipped == []
+    assert "1.aux_bn.0: removed with 1, the folded BatchNorm that holds it" in report.notes
+    assert isinstance(fused[1], nn.SiLU) and named_batchnorm_like(fused) == []
+    assert_exact(fused(x), eval_output(model, x), rel=1e-5)
+
+
 def test_inplace_fuse_of_a_batchnorm_act_keeps_the_models_own_activation_module():
     model = randomise_statistics(nn.Sequential(nn.Conv2d(3, 8, 3), bn_act(act_layer=nn.SiLU)))
     act = model[1].act

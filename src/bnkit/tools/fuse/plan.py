@@ -95,8 +95,13 @@ class _Analysis:
         skips = self.plan.skipped
         self.plan.skipped = {}
         for name, module in self.root.named_modules():
-            if norm_view(module) is not None and name not in folded:
-                self.plan.skipped[name] = skips.get(name) or self._untraced_reason(name)
+            if norm_view(module) is None or name in folded:
+                continue
+            owner = next((f for f in folded if name.startswith(f + ".")), None)
+            if owner is not None:  # e.g. timm SplitBatchNorm2d's training-only auxiliary BatchNorms
+                self.plan.notes.append(f"{name}: removed with {owner}, the folded BatchNorm that holds it")
+                continue
+            self.plan.skipped[name] = skips.get(name) or self._untraced_reason(name)
         return self.plan
 
     def _rank(self, name: str) -> int | None:
