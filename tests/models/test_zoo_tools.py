@@ -155,9 +155,9 @@ def _double_batches(entry: ZooModel) -> list[Any]:
 @pytest.mark.parametrize("entry", ZOO, ids=IDS)
 def test_recalibrate_is_exact_against_a_float64_reference(entry: ZooModel) -> None:
     # Both in float64, so the comparison measures recalibrate's arithmetic (per-batch moments, Chan merges),
-    # not float32 rounding: with 2-3 values per channel in a batch (the last stages of a 32x32 ResNet),
-    # batch-statistics normalisation is ill-conditioned enough to amplify float32 rounding to 1e-3 (float64
-    # rounding to 1e-8..1e-5 through squeeze-excitation stacks; averaging per-batch variances is off by 1e-1).
+    # not float32 rounding, which batch-statistics normalisation amplifies through deep stacks when a batch has
+    # few values per channel (1e-3 in the last stage of a 32x32 ResNet-18 at batches of 2); averaging per-batch
+    # variances instead of merging them would miss the between-batch variance and fail here.
     model = build(entry).double()
     names = {name for name, _ in _batchnorms(model)}
     fixed = {name for name, m in _batchnorms(model) if isinstance(m, FROZEN_CLASSES)}
@@ -176,8 +176,8 @@ def test_recalibrate_is_exact_against_a_float64_reference(entry: ZooModel) -> No
     for name, (mean, var, count) in reference.items():
         module = modules[name]
         assert report.counts[name] == count, name
-        torch.testing.assert_close(module.running_mean, mean, rtol=1e-5, atol=1e-8)
-        torch.testing.assert_close(module.running_var, var, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(module.running_mean, mean, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(module.running_var, var, rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("entry", [e for e in ZOO if e.classification], ids=lambda e: e.name)
