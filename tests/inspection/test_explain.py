@@ -168,7 +168,8 @@ def test_rows_for_every_kind_of_norm_layer_in_module_order() -> None:
 def test_model_that_is_a_layer_and_model_without_norms() -> None:
     table = bnkit.explain(nn.BatchNorm1d(5))
     assert len(table) == 1 and table[0].name == "" and "(model)" in str(table)
-    assert str(bnkit.explain(nn.Linear(2, 2))) == "no BatchNorm or other normalisation layer found"
+    with pytest.warns(UserWarning, match="explain: the model has no BatchNorm or other normalisation layer"):
+        assert str(bnkit.explain(nn.Linear(2, 2))) == "no BatchNorm or other normalisation layer found"
 
 
 def test_plain_data_json_and_table() -> None:
