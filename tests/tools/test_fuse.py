@@ -776,25 +776,3 @@ def test_bn_frozen_by_bnkit_freeze_is_still_folded() -> None:
     assert [record.bn for record in report.folded] == ["1"], report
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(fused(x), model.eval()(x), rtol=1e-5, atol=1e-6)
-
-
-def test_docstring_examples_of_every_module_of_the_fuse_package_run() -> None:
-    # tests/test_docstrings.py walks the top-level modules of each package; this covers bnkit.tools.fuse's own.
-    import doctest
-    import importlib
-    import pkgutil
-
-    import bnkit.tools.fuse as package
-
-    names = [package.__name__] + [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
-    assert {"bnkit.tools.fuse.plan", "bnkit.tools.fuse.check", "bnkit.tools.fuse.norms"} <= set(names)
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    attempted = 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        for name in names:
-            for test in doctest.DocTestFinder(exclude_empty=True).find(importlib.import_module(name), name):
-                result = runner.run(test, out=lambda text: None, clear_globs=True)
-                assert not result.failed, test.name
-                attempted += result.attempted
-    assert attempted >= 40
