@@ -1,0 +1,343 @@
+"""One BatchNorm-like layer at a time: what it is (its kind) and its replacement for each ``convert`` target.
+
+A builder returns the layer itself (already in the target form), a new layer, or raises :class:`Leave` with the
+reason the layer stays as it is (``warn=False``: a deliberate choice, e.g. a frozen layer under ``"bnkit"``;
+``warn=True``: the target cannot hold it, e.g. timm's ``BatchNormAct2d`` under ``"bnkit"``). Errors that the
+user can fix (an unknown rank, a lazy layer, a bnkit setting torch cannot express) raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnkit.tools.freeze import _set_stats, is_frozen_affine, is_frozen_stats
+from bnkit.tools.model_edit import bnkit_batchnorm_class, is_bnkit_batchnorm
+
+TORCH_CLASSES: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+class Leave(Exception):
+    """The layer stays as it is, for ``reason``; ``warn`` when the user asked for something it did not get."""
+
+    def __init__(self, reason: str, warn: bool) -> None:
+        super().__init__(reason)
+        self.reason, self.warn = reason, warn
+
+
+# ------------------------------------------------------------------------------------------------- kinds
+
+
+def _timm(name: str) -> type | None:
+    module = sys.modules.get("timm.layers.norm_act")
+    return getattr(module, name, None) if module is not None else None
+
+
+def _timm_class(name: str) -> type:
+    from timm.layers import norm_act  # only called when a timm layer is in the model or the target needs one
+
+    return getattr(norm_act, name)
+
+
+def _is_frozen_lookalike(module: nn.Module) -> bool:
+    """torchvision's / detectron2's ``FrozenBatchNorm2d``: gamma, beta and statistics as buffers, no parameters."""
+    if "FrozenBatchNorm" not in type(module).__name__ or any(True for _ in module.parameters(recurse=False)):
+        return False
+    buffers = dict(module.named_buffers(recurse=False))
+    return all(isinstance(buffers.get(k), torch.Tensor) for k in ("weight", "bias", "running_mean", "running_var"))
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``torch`` (BatchNorm1d/2d/3d), ``torch-sync``, ``bnkit``, ``act`` (timm BatchNormAct2d), ``sync-act``,
+    ``frozen``, ``frozen-act``, ``subclass`` (another subclass with behaviour of its own), or None."""
+    cls = type(module)
+    if cls in TORCH_CLASSES.values():
+        return "torch"
+    if cls is nn.SyncBatchNorm:
+        return "torch-sync"
+    if cls is bnkit_batchnorm_class():
+        return "bnkit"
+    if cls is _timm("BatchNormAct2d"):
+        return "act"
+    if cls is _timm("SyncBatchNormAct"):
+        return "sync-act"
+    if cls is _timm("FrozenBatchNormAct2d"):
+        return "frozen-act"
+    if _is_frozen_lookalike(module):
+        return "frozen"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) or is_bnkit_batchnorm(module):
+        return "subclass"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def factory(module: nn.Module) -> dict[str, Any]:
+    ref = next(iter([*module.parameters(recurse=False), *module.buffers(recurse=False)]), None)
+    if ref is None:
+        return {}
+    return {"device": ref.device, "dtype": ref.dtype if ref.is_floating_point() else None}
+
+
+def copy_grad_flags(src: nn.Module, dst: nn.Module) -> None:
+    for attr in ("weight", "bias"):
+        mine, theirs = getattr(src, attr, None), getattr(dst, attr, None)
+        if isinstance(mine, nn.Parameter) and isinstance(theirs, nn.Parameter):
+            theirs.requires_grad_(mine.requires_grad)
+
+
+def _carry_freeze(src: nn.Module, dst: nn.Module) -> None:
+    """A frozen layer stays frozen in its new form (hooks for torch layers, switches for bnkit)."""
+    stats, affine = is_frozen_stats(src), is_frozen_affine(src)
+    if is_bnkit_batchnorm(dst):
+        dst.freeze_stats = stats and dst.track_running_stats
+        if affine:
+            dst.freeze_affine = True
+    else:
+        if stats and getattr(dst, "running_mean", None) is not None:
+            _set_stats(dst, True)
+        if affine:
+            copy_grad_flags(src, dst)
+
+
+def _move_act(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """timm's norm+act layers: the activation and drop modules go with the layer (same objects)."""
+    for attr in ("drop", "act"):
+        if isinstance(getattr(src, attr, None), nn.Module):
+            setattr(dst, attr, getattr(src, attr))
+    return dst
+
+
+def _torch_from_torch(module: nn.Module, cls: type[nn.Module], **extra: Any) -> nn.Module:
+    timm_act = getattr(cls, "__module__", "").startswith("timm.")
+    bias = {} if timm_act else {"bias": module.bias is not None or not module.affine}
+    new = cls(
+        module.num_features,
+        eps=module.eps,
+        momentum=module.momentum,
+        affine=module.affine,
+        track_running_stats=module.track_running_stats,
+        **bias,
+        **extra,
+        **factory(module),
+    )
+    if timm_act and module.affine and module.bias is None:
+        new.register_parameter("bias", None)
+    _move_act(module, new)
+    new.load_state_dict(module.state_dict())
+    copy_grad_flags(module, new)
+    new.train(module.training)
+    _carry_freeze(module, new)
+    return new
+
+
+def unknown_rank(label: str, target: str) -> ValueError:
+    return ValueError(
+        f"convert: cannot tell whether layer {label!r} needs BatchNorm1d, 2d or 3d (to={target!r}); pass dim=1|2|3 "
+        "(or a dict of layer name to dim) or example_inputs=... that reach it"
+    )
+
+
+def _kept_reason(kind: str, to: str) -> Leave:
+    if kind in ("frozen", "frozen-act"):
+        warn = to == "group"
+        return Leave("frozen layer (statistics and gamma/beta fixed), kept as it is; to='trainable' thaws it", warn)
+    if kind in ("act", "sync-act"):
+        hint = "; to='torch-sync' gives timm's SyncBatchNormAct" if to != "bnkit" else ""
+        return Leave(
+            "timm BatchNorm+activation layer: bnkit has no BatchNorm+activation layer yet, so it is kept as it "
+            f"is (converting would drop the activation){hint}",
+            True,
+        )
+    return Leave(f"its target form is not defined for to={to!r}", True)
+
+
+def _subclass(module: nn.Module, to: str) -> Leave:
+    base = "bnkit.BatchNorm" if is_bnkit_batchnorm(module) else "torch.nn BatchNorm"
+    return Leave(
+        f"a {type(module).__name__}, a subclass of {base} with behaviour of its own that to={to!r} would drop; "
+        "kept as it is (convert it yourself)",
+        True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- targets
+
+
+def to_bnkit(name: str, module: nn.Module, kind: str, sync: bool, process_group: Any, dim: int | None) -> nn.Module:
+    if kind == "bnkit":
+        return _bnkit_synced(module, process_group) if sync else module
+    if kind not in ("torch", "torch-sync"):
+        raise _subclass(module, "sync" if sync else "bnkit") if kind == "subclass" else _kept_reason(kind, "bnkit")
+    new = bnkit_batchnorm_class().from_torch(module)
+    if new.torch_dim is None and dim is not None:
+        new.torch_dim = dim
+    if sync:
+        new.sync = True
+        if process_group is not None or kind != "torch-sync":
+            new.process_group = process_group
+    new.name = name or None
+    _carry_freeze(module, new)
+    return new
+
+
+def _bnkit_synced(module: nn.Module, process_group: Any) -> nn.Module:
+    """A copy of a bnkit layer with ``sync=True`` (a copy, so an error later leaves an in-place model as it was)."""
+    if module.sync and process_group is None:
+        return module
+    new = copy.deepcopy(module)
+    new.sync = True
+    if process_group is not None or not module.sync:
+        new.process_group = process_group
+    return new
+
+
+def to_torch(name: str, module: nn.Module, kind: str, dim: int | None, strict: bool) -> nn.Module:
+    label = name or "<model>"
+    if kind == "torch":
+        return module
+    if kind in ("act", "frozen", "frozen-act"):
+        if kind == "act":
+            raise Leave("timm BatchNormAct2d is already a torch.nn.BatchNorm2d (activation kept)", False)
+        raise _kept_reason(kind, "torch")
+    if kind == "subclass":
+        raise _subclass(module, "torch")
+    if kind == "sync-act":
+        return _torch_from_torch(module, _timm_class("BatchNormAct2d"))
+    if dim is None:
+        raise unknown_rank(label, "torch")
+    if kind == "bnkit":
+        try:
+            new = module.to_torch(dim, strict=strict)
+        except ValueError as err:
+            raise ValueError(f"convert: layer {label!r}: {err}") from None
+        if module.freeze_stats and module.track_running_stats:
+            _set_stats(new, True)
+        return new
+    return _torch_from_torch(module, TORCH_CLASSES[dim])
+
+
+def to_torch_sync(module: nn.Module, kind: str, process_group: Any) -> nn.Module:
+    if kind == "bnkit":
+        return _bnkit_synced(module, process_group)
+    if kind in ("torch-sync", "sync-act"):
+        return module
+    if kind == "torch":
+        new = _torch_from_torch(module, nn.SyncBatchNorm, process_group=process_group)
+        # so "torch" gives the same class back without running the model
+        new.bnkit_torch_dim = next(d for d, cls in TORCH_CLASSES.items() if isinstance(module, cls))
+        return new
+    if kind == "act":
+        return _torch_from_torch(module, _timm_class("SyncBatchNormAct"), process_group=process_group)
+    raise _subclass(module, "torch-sync") if kind == "subclass" else _kept_reason(kind, "torch-sync")
+
+
+def to_group(name: str, module: nn.Module, kind: str, groups: int | Callable[[int], int] | None, ndim: int | None):
+    from bnkit.tools.convert import default_groups
+
+    if kind not in ("torch", "torch-sync", "bnkit", "act", "sync-act"):
+        raise _subclass(module, "group") if kind == "subclass" else _kept_reason(kind, "group")
+    label = name or "<model>"
+    channels = module.num_features
+    if kind == "bnkit" and module.axis != 1 and (ndim is None or module.axis % ndim != 1):
+        raise ValueError(
+            f"convert: layer {label!r} normalises channel axis {module.axis}, but GroupNorm needs channels on "
+            "axis 1; permute the input or pass example_inputs=... if the axis is 1 for its input rank"
+        )
+    count = default_groups(channels) if groups is None else groups(channels) if callable(groups) else groups
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1 or channels % count:
+        raise ValueError(
+            f"convert: layer {label!r} has {channels} channels, which {count!r} groups do not divide; pass "
+            "groups=<a divisor> or a callable channels -> groups"
+        )
+    affine = module.weight is not None or module.bias is not None
+    if kind in ("act", "sync-act"):
+        new = _move_act(module, _timm_class("GroupNormAct")(channels, count, eps=module.eps, affine=affine))
+        new.to(**factory(module))
+        if affine and module.bias is None:
+            new.register_parameter("bias", None)
+    else:
+        bias = module.bias is not None or not affine
+        new = nn.GroupNorm(count, channels, eps=module.eps, affine=affine, bias=bias, **factory(module))
+    if affine:
+        with torch.no_grad():
+            if module.weight is not None:
+                new.weight.copy_(module.weight)
+            else:
+                # GroupNorm cannot have beta without gamma: gamma stays at its identity value, frozen.
+                new.weight.requires_grad_(False)
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+        copy_grad_flags(module, new)
+    new.train(module.training)
+    return new
+
+
+def _frozen_values(module: nn.Module) -> dict[str, torch.Tensor]:
+    mean, var = module.running_mean, module.running_var
+    gamma = module.weight if module.weight is not None else torch.ones_like(mean)
+    beta = module.bias if module.bias is not None else torch.zeros_like(mean)
+    return {"weight": gamma.detach(), "bias": beta.detach(), "running_mean": mean, "running_var": var}
+
+
+def to_frozen(name: str, module: nn.Module, kind: str, dim: int | None) -> nn.Module:
+    if kind in ("frozen", "frozen-act"):
+        return module
+    if kind == "subclass":
+        raise _subclass(module, "frozen")
+    label = name or "<model>"
+    if getattr(module, "running_mean", None) is None:
+        raise Leave("no running statistics (track_running_stats=False): nothing to freeze", True)
+    if kind == "bnkit" and (module.axis != 1 or module.renorm is not None):
+        raise Leave(
+            "FrozenBatchNorm2d cannot express "
+            + ("renorm" if module.renorm is not None else f"a channel axis other than 1 ({module.axis})")
+            + "; bnkit.freeze(model) freezes it in place",
+            True,
+        )
+    if kind in ("torch", "act"):
+        dim = 2 if isinstance(module, nn.BatchNorm2d) else 1 if isinstance(module, nn.BatchNorm1d) else 3
+    if dim is None:
+        raise unknown_rank(label, "frozen")
+    if dim != 2:
+        raise Leave(
+            f"FrozenBatchNorm2d takes 4-D inputs and this layer is a BatchNorm{dim}d; bnkit.freeze(model) freezes "
+            "it in place",
+            True,
+        )
+    if kind in ("act", "sync-act"):
+        new = _move_act(module, _timm_class("FrozenBatchNormAct2d")(module.num_features, eps=module.eps))
+    else:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        new = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+    new.to(**factory(module))
+    with torch.no_grad():
+        for key, value in _frozen_values(module).items():
+            getattr(new, key).copy_(value)
+    new.train(module.training)
+    return new
+
+
+def to_trainable(module: nn.Module, kind: str) -> nn.Module:
+    if kind not in ("frozen", "frozen-act"):
+        return module
+    eps = float(module.eps)
+    values = {k: getattr(module, k).detach() for k in ("weight", "bias", "running_mean", "running_var")}
+    ref = values["running_mean"]
+    if kind == "frozen-act":
+        new = _move_act(module, _timm_class("BatchNormAct2d")(ref.numel(), eps=eps, momentum=0.1))
+        new.to(device=ref.device, dtype=ref.dtype)
+    else:
+        new = nn.BatchNorm2d(ref.numel(), eps=eps, momentum=0.1, device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        for key, value in values.items():
+            getattr(new, key).copy_(value)
+    new.train(module.training)
+    return new
