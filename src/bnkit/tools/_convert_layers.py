@@ -23,7 +23,12 @@ TORCH_CLASSES: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2
 
 
 class Leave(Exception):
-    """The layer stays as it is, for ``reason``; ``warn`` when the user asked for something it did not get."""
+    """The layer stays as it is, for ``reason``; ``warn`` when the user asked for something it did not get.
+
+    Example:
+        >>> Leave("frozen layer", warn=False).reason
+        'frozen layer'
+    """
 
     def __init__(self, reason: str, warn: bool) -> None:
         super().__init__(reason)
@@ -54,7 +59,13 @@ def _is_frozen_lookalike(module: nn.Module) -> bool:
 
 def layer_kind(module: nn.Module) -> str | None:
     """``torch`` (BatchNorm1d/2d/3d), ``torch-sync``, ``bnkit``, ``act`` (timm BatchNormAct2d), ``sync-act``,
-    ``frozen``, ``frozen-act``, ``subclass`` (another subclass with behaviour of its own), or None."""
+    ``frozen``, ``frozen-act``, ``subclass`` (another subclass with behaviour of its own), or None.
+
+    Example:
+        >>> from torchvision.ops.misc import FrozenBatchNorm2d
+        >>> layer_kind(nn.BatchNorm1d(2)), layer_kind(FrozenBatchNorm2d(2)), layer_kind(nn.Linear(2, 2))
+        ('torch', 'frozen', None)
+    """
     cls = type(module)
     if cls in TORCH_CLASSES.values():
         return "torch"
@@ -78,14 +89,14 @@ def layer_kind(module: nn.Module) -> str | None:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def factory(module: nn.Module) -> dict[str, Any]:
+def _factory(module: nn.Module) -> dict[str, Any]:
     ref = next(iter([*module.parameters(recurse=False), *module.buffers(recurse=False)]), None)
     if ref is None:
         return {}
     return {"device": ref.device, "dtype": ref.dtype if ref.is_floating_point() else None}
 
 
-def copy_grad_flags(src: nn.Module, dst: nn.Module) -> None:
+def _copy_grad_flags(src: nn.Module, dst: nn.Module) -> None:
     for attr in ("weight", "bias"):
         mine, theirs = getattr(src, attr, None), getattr(dst, attr, None)
         if isinstance(mine, nn.Parameter) and isinstance(theirs, nn.Parameter):
@@ -103,7 +114,7 @@ def _carry_freeze(src: nn.Module, dst: nn.Module) -> None:
         if stats and getattr(dst, "running_mean", None) is not None:
             _set_stats(dst, True)
         if affine:
-            copy_grad_flags(src, dst)
+            _copy_grad_flags(src, dst)
 
 
 def _move_act(src: nn.Module, dst: nn.Module) -> nn.Module:
@@ -125,19 +136,19 @@ def _torch_from_torch(module: nn.Module, cls: type[nn.Module], **extra: Any) -> 
         track_running_stats=module.track_running_stats,
         **bias,
         **extra,
-        **factory(module),
+        **_factory(module),
     )
     if timm_act and module.affine and module.bias is None:
         new.register_parameter("bias", None)
     _move_act(module, new)
     new.load_state_dict(module.state_dict())
-    copy_grad_flags(module, new)
+    _copy_grad_flags(module, new)
     new.train(module.training)
     _carry_freeze(module, new)
     return new
 
 
-def unknown_rank(label: str, target: str) -> ValueError:
+def _unknown_rank(label: str, target: str) -> ValueError:
     return ValueError(
         f"convert: cannot tell whether layer {label!r} needs BatchNorm1d, 2d or 3d (to={target!r}); pass dim=1|2|3 "
         "(or a dict of layer name to dim) or example_inputs=... that reach it"
@@ -171,6 +182,12 @@ def _subclass(module: nn.Module, to: str) -> Leave:
 
 
 def to_bnkit(name: str, module: nn.Module, kind: str, sync: bool, process_group: Any, dim: int | None) -> nn.Module:
+    """The ``"bnkit"``/``"sync"`` form of one layer.
+
+    Example:
+        >>> type(to_bnkit("bn", nn.BatchNorm2d(2), "torch", False, None, None)).__name__
+        'BatchNorm'
+    """
     if kind == "bnkit":
         return _bnkit_synced(module, process_group) if sync else module
     if kind not in ("torch", "torch-sync"):
@@ -199,6 +216,12 @@ def _bnkit_synced(module: nn.Module, process_group: Any) -> nn.Module:
 
 
 def to_torch(name: str, module: nn.Module, kind: str, dim: int | None, strict: bool) -> nn.Module:
+    """The ``"torch"`` form of one layer (``dim``: 1, 2, 3 or None when unknown).
+
+    Example:
+        >>> type(to_torch("bn", nn.SyncBatchNorm(2), "torch-sync", 3, True)).__name__
+        'BatchNorm3d'
+    """
     label = name or "<model>"
     if kind == "torch":
         return module
@@ -211,7 +234,7 @@ def to_torch(name: str, module: nn.Module, kind: str, dim: int | None, strict: b
     if kind == "sync-act":
         return _torch_from_torch(module, _timm_class("BatchNormAct2d"))
     if dim is None:
-        raise unknown_rank(label, "torch")
+        raise _unknown_rank(label, "torch")
     if kind == "bnkit":
         try:
             new = module.to_torch(dim, strict=strict)
@@ -224,6 +247,12 @@ def to_torch(name: str, module: nn.Module, kind: str, dim: int | None, strict: b
 
 
 def to_torch_sync(module: nn.Module, kind: str, process_group: Any) -> nn.Module:
+    """The ``"torch-sync"`` form of one layer.
+
+    Example:
+        >>> to_torch_sync(nn.BatchNorm3d(2), "torch", None).bnkit_torch_dim
+        3
+    """
     if kind == "bnkit":
         return _bnkit_synced(module, process_group)
     if kind in ("torch-sync", "sync-act"):
@@ -238,7 +267,15 @@ def to_torch_sync(module: nn.Module, kind: str, process_group: Any) -> nn.Module
     raise _subclass(module, "torch-sync") if kind == "subclass" else _kept_reason(kind, "torch-sync")
 
 
-def to_group(name: str, module: nn.Module, kind: str, groups: int | Callable[[int], int] | None, ndim: int | None):
+def to_group(
+    name: str, module: nn.Module, kind: str, groups: int | Callable[[int], int] | None, ndim: int | None
+) -> nn.Module:
+    """The ``"group"`` form of one layer (``ndim``: its input rank, when known).
+
+    Example:
+        >>> to_group("bn", nn.BatchNorm2d(4), "torch", 2, None)
+        GroupNorm(2, 4, eps=1e-05, affine=True, bias=True)
+    """
     from bnkit.tools.convert import default_groups
 
     if kind not in ("torch", "torch-sync", "bnkit", "act", "sync-act"):
@@ -259,12 +296,12 @@ def to_group(name: str, module: nn.Module, kind: str, groups: int | Callable[[in
     affine = module.weight is not None or module.bias is not None
     if kind in ("act", "sync-act"):
         new = _move_act(module, _timm_class("GroupNormAct")(channels, count, eps=module.eps, affine=affine))
-        new.to(**factory(module))
+        new.to(**_factory(module))
         if affine and module.bias is None:
             new.register_parameter("bias", None)
     else:
         bias = module.bias is not None or not affine
-        new = nn.GroupNorm(count, channels, eps=module.eps, affine=affine, bias=bias, **factory(module))
+        new = nn.GroupNorm(count, channels, eps=module.eps, affine=affine, bias=bias, **_factory(module))
     if affine:
         with torch.no_grad():
             if module.weight is not None:
@@ -274,7 +311,7 @@ def to_group(name: str, module: nn.Module, kind: str, groups: int | Callable[[in
                 new.weight.requires_grad_(False)
             if module.bias is not None:
                 new.bias.copy_(module.bias)
-        copy_grad_flags(module, new)
+        _copy_grad_flags(module, new)
     new.train(module.training)
     return new
 
@@ -287,6 +324,12 @@ def _frozen_values(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def to_frozen(name: str, module: nn.Module, kind: str, dim: int | None) -> nn.Module:
+    """The ``"frozen"`` form of one layer.
+
+    Example:
+        >>> to_frozen("bn", nn.BatchNorm2d(4, eps=1e-3), "torch", None)
+        FrozenBatchNorm2d(4, eps=0.001)
+    """
     if kind in ("frozen", "frozen-act"):
         return module
     if kind == "subclass":
@@ -304,7 +347,7 @@ def to_frozen(name: str, module: nn.Module, kind: str, dim: int | None) -> nn.Mo
     if kind in ("torch", "act"):
         dim = 2 if isinstance(module, nn.BatchNorm2d) else 1 if isinstance(module, nn.BatchNorm1d) else 3
     if dim is None:
-        raise unknown_rank(label, "frozen")
+        raise _unknown_rank(label, "frozen")
     if dim != 2:
         raise Leave(
             f"FrozenBatchNorm2d takes 4-D inputs and this layer is a BatchNorm{dim}d; bnkit.freeze(model) freezes "
@@ -317,7 +360,7 @@ def to_frozen(name: str, module: nn.Module, kind: str, dim: int | None) -> nn.Mo
         from torchvision.ops.misc import FrozenBatchNorm2d
 
         new = FrozenBatchNorm2d(module.num_features, eps=module.eps)
-    new.to(**factory(module))
+    new.to(**_factory(module))
     with torch.no_grad():
         for key, value in _frozen_values(module).items():
             getattr(new, key).copy_(value)
@@ -326,6 +369,13 @@ def to_frozen(name: str, module: nn.Module, kind: str, dim: int | None) -> nn.Mo
 
 
 def to_trainable(module: nn.Module, kind: str) -> nn.Module:
+    """The ``"trainable"`` form of one layer.
+
+    Example:
+        >>> from torchvision.ops.misc import FrozenBatchNorm2d
+        >>> to_trainable(FrozenBatchNorm2d(4), "frozen")
+        BatchNorm2d(4, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)
+    """
     if kind not in ("frozen", "frozen-act"):
         return module
     eps = float(module.eps)

@@ -96,7 +96,12 @@ _MAX_HOPS = 16
 
 
 def module_dim(module: nn.Module) -> int | None:
-    """The BatchNorm dim (1, 2, 3) a module's own class fixes for its input and output, or None."""
+    """The BatchNorm dim (1, 2, 3) a module's own class fixes for its input and output, or None.
+
+    Example:
+        >>> module_dim(nn.Conv3d(1, 1, 1)), module_dim(nn.Linear(2, 2)), module_dim(nn.ReLU())
+        (3, 1, None)
+    """
     for cls, dim in _DIM_OF_CLASS.items():
         if type(module) is cls:
             return dim
@@ -232,7 +237,13 @@ def _neighbour_dims(model: nn.Module, wanted: dict[int, nn.Module], dims: dict[i
 
 
 def infer_dims(model: nn.Module, modules: Iterable[nn.Module]) -> dict[int, int]:
-    """``id(module) -> 1|2|3`` for those of ``modules`` whose rank the model's structure fixes (no forward run)."""
+    """``id(module) -> 1|2|3`` for those of ``modules`` whose rank the model's structure fixes (no forward run).
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4), nn.Flatten(), nn.SyncBatchNorm(16))
+        >>> list(infer_dims(model, [model[1], model[3]]).values())
+        [2]
+    """
     wanted = {id(m): m for m in modules}
     dims: dict[int, int] = {}
     if not wanted:
@@ -244,7 +255,13 @@ def infer_dims(model: nn.Module, modules: Iterable[nn.Module]) -> dict[int, int]
 
 
 def recorded_ranks(model: nn.Module, modules: Iterable[nn.Module], example_inputs: Any) -> dict[int, int]:
-    """Run ``model`` once in eval mode without gradients; ``id(module) -> input rank`` for those reached."""
+    """Run ``model`` once in eval mode without gradients; ``id(module) -> input rank`` for those reached.
+
+    Example:
+        >>> model = nn.Sequential(nn.BatchNorm1d(2))
+        >>> list(recorded_ranks(model, [model[0]], torch.zeros(1, 2, 5)).values())
+        [3]
+    """
     from bnkit.tools.model_inputs import call_with_example, eval_run
 
     ranks: dict[int, int] = {}

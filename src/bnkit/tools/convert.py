@@ -315,6 +315,13 @@ def _warn(model: nn.Module, found: list, replacements: dict[int, nn.Module], rep
             UserWarning,
             stacklevel=3,
         )
+    elif found and not report.converted and not report.skipped:
+        warnings.warn(
+            f"convert: nothing to convert to {report.to!r}: the {len(found)} selected layer(s) are already in that "
+            "form or kept as they are (see the report)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def convert(
