@@ -4,7 +4,7 @@ BatchNorm1d/2d/3d differ only in the input rank they accept (their arithmetic is
 class is not known (``SyncBatchNorm``, a ``bnkit.BatchNorm`` built by hand) gets it from the layers around it:
 the module that produces its input or the one that consumes its output, found on the model's ``torch.fx``
 graph (traced with every module in training mode too, so Inception/GoogLeNet auxiliary heads that only run in
-training are seen), else among its siblings in module order. Only modules that fix the rank (convolutions,
+training are seen), else among its siblings in an ``nn.Sequential``. Only modules that fix the rank (convolutions,
 pooling, BatchNorm{1,2,3}d, Linear) answer; activations, dropout and elementwise arithmetic pass the question
 on; anything else stops the search, so no guess is made across a reshape.
 """
@@ -223,8 +223,11 @@ def _scan(modules: Iterable[nn.Module]) -> int | None:
 
 
 def _neighbour_dims(model: nn.Module, wanted: dict[int, nn.Module], dims: dict[int, int]) -> None:
-    """Siblings in module order: the nearest preceding module that fixes the rank, else the nearest following."""
+    """In an ``nn.Sequential`` (where module order is data flow): the nearest module before the layer that fixes
+    the rank, else the nearest one after it."""
     for parent in model.modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
         children = list(parent.children())
         for index, child in enumerate(children):
             if id(child) not in wanted or id(child) in dims:
