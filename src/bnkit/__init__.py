@@ -24,6 +24,11 @@ _EXPORTS: dict[str, str] = {
     "Renorm": "bnkit.layers.renorm",
     "is_batchnorm": "bnkit.layers.find",
     "named_batchnorms": "bnkit.layers.find",
+    "BatchNormInfo": "bnkit.layers.kinds",
+    "describe_batchnorm": "bnkit.layers.kinds",
+    "named_batchnorm_like": "bnkit.layers.kinds",
+    "register_batchnorm": "bnkit.layers.kinds",
+    "unregister_batchnorm": "bnkit.layers.kinds",
     "freeze": "bnkit.tools.freeze",
     "unfreeze": "bnkit.tools.freeze",
     "convert": "bnkit.tools.convert",
@@ -59,4 +64,9 @@ if TYPE_CHECKING:  # static re-exports for type checkers and IDEs
     from bnkit.layers.batchnorm import BatchNorm as BatchNorm
     from bnkit.layers.find import is_batchnorm as is_batchnorm
     from bnkit.layers.find import named_batchnorms as named_batchnorms
+    from bnkit.layers.kinds import BatchNormInfo as BatchNormInfo
+    from bnkit.layers.kinds import describe_batchnorm as describe_batchnorm
+    from bnkit.layers.kinds import named_batchnorm_like as named_batchnorm_like
+    from bnkit.layers.kinds import register_batchnorm as register_batchnorm
+    from bnkit.layers.kinds import unregister_batchnorm as unregister_batchnorm
     from bnkit.layers.renorm import Renorm as Renorm

@@ -85,8 +85,11 @@ class _FrozenStatsPreHook:
 
     A plain class (not a closure) so that ``copy.deepcopy`` and pickling of the whole model keep it.
     ``enabled`` lets :func:`bnkit.recalibrate` suspend the freeze without removing and re-adding hooks
-    (which would change their order).
+    (which would change their order). ``bnkit_freezes_stats`` is how :func:`bnkit.layers.kinds.describe_batchnorm`
+    (a lower layer, which cannot import this module) recognises the hook.
     """
+
+    bnkit_freezes_stats = True
 
     def __init__(self) -> None:
         self.enabled = True
