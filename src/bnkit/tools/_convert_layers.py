@@ -9,13 +9,13 @@ user can fix (an unknown rank, a lazy layer, a bnkit setting torch cannot expres
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from bnkit.layers.kinds import describe_batchnorm
 from bnkit.tools.freeze import _set_stats, is_frozen_affine, is_frozen_stats
 from bnkit.tools.model_edit import bnkit_batchnorm_class, is_bnkit_batchnorm
 
@@ -38,55 +38,53 @@ class Leave(Exception):
 # ------------------------------------------------------------------------------------------------- kinds
 
 
-def _timm(name: str) -> type | None:
-    module = sys.modules.get("timm.layers.norm_act")
-    return getattr(module, name, None) if module is not None else None
-
-
 def _timm_class(name: str) -> type:
-    from timm.layers import norm_act  # only called when a timm layer is in the model or the target needs one
+    from timm.layers import norm_act  # only called when a timm layer is in the model
 
     return getattr(norm_act, name)
 
 
-def _is_frozen_lookalike(module: nn.Module) -> bool:
-    """torchvision's / detectron2's ``FrozenBatchNorm2d``: gamma, beta and statistics as buffers, no parameters."""
-    if "FrozenBatchNorm" not in type(module).__name__ or any(True for _ in module.parameters(recurse=False)):
-        return False
-    buffers = dict(module.named_buffers(recurse=False))
-    return all(isinstance(buffers.get(k), torch.Tensor) for k in ("weight", "bias", "running_mean", "running_var"))
+# bnkit.layers.kinds' kinds -> the form convert treats them as (exact classes only: a subclass has its own forward)
+_FROZEN = {"torchvision-frozen": "frozen", "timm-frozen": "frozen", "lookalike-frozen": "frozen"}
+_CONVERT_KIND = {
+    "sync": "torch-sync",
+    "timm-bnact": "act",
+    "timm-sync-bnact": "sync-act",
+    "timm-frozen-bnact": "frozen-act",
+}
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """``torch`` (BatchNorm1d/2d/3d), ``torch-sync``, ``bnkit``, ``act`` (timm BatchNormAct2d), ``sync-act``,
-    ``frozen``, ``frozen-act``, ``subclass`` (another subclass with behaviour of its own), or None.
+    """How ``convert`` treats a layer: ``torch`` (BatchNorm1d/2d/3d), ``torch-sync``, ``bnkit``, ``act`` (timm
+    BatchNormAct2d), ``sync-act`` (timm SyncBatchNormAct), ``frozen`` (FrozenBatchNorm2d of torchvision, timm or
+    a look-alike), ``frozen-act`` (timm FrozenBatchNormAct2d), ``subclass`` (a subclass with behaviour of its
+    own, or a class taught with ``bnkit.register_batchnorm``), or None (not BatchNorm-like). The recognition is
+    :func:`bnkit.layers.kinds.describe_batchnorm`'s.
 
     Example:
         >>> from torchvision.ops.misc import FrozenBatchNorm2d
         >>> layer_kind(nn.BatchNorm1d(2)), layer_kind(FrozenBatchNorm2d(2)), layer_kind(nn.Linear(2, 2))
         ('torch', 'frozen', None)
     """
+    info = describe_batchnorm(module)
+    if info is None:
+        return None
     cls = type(module)
-    if cls in TORCH_CLASSES.values():
-        return "torch"
-    if cls is nn.SyncBatchNorm:
-        return "torch-sync"
-    if cls is bnkit_batchnorm_class():
-        return "bnkit"
-    if cls is _timm("BatchNormAct2d"):
-        return "act"
-    if cls is _timm("SyncBatchNormAct"):
-        return "sync-act"
-    if cls is _timm("FrozenBatchNormAct2d"):
-        return "frozen-act"
-    if _is_frozen_lookalike(module):
+    if info.kind in _FROZEN:
         return "frozen"
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) or is_bnkit_batchnorm(module):
+    exact = {
+        "torch": cls in TORCH_CLASSES.values(),
+        "sync": cls is nn.SyncBatchNorm,
+        "bnkit": cls is bnkit_batchnorm_class(),
+        "timm-bnact": cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm."),
+        "timm-sync-bnact": cls.__name__ == "SyncBatchNormAct" and cls.__module__.startswith("timm."),
+        "timm-frozen-bnact": cls.__name__ == "FrozenBatchNormAct2d" and cls.__module__.startswith("timm."),
+    }
+    if info.lazy:
+        return "torch"  # refused by convert with its own message until it has seen an input
+    if not exact.get(info.kind, False):
         return "subclass"
-    return None
-
-
-# ------------------------------------------------------------------------------------------------ helpers
+    return _CONVERT_KIND.get(info.kind, info.kind)
 
 
 def _factory(module: nn.Module) -> dict[str, Any]:
@@ -170,9 +168,12 @@ def _kept_reason(kind: str, to: str) -> Leave:
 
 
 def _subclass(module: nn.Module, to: str) -> Leave:
+    name = type(module).__name__
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) and not is_bnkit_batchnorm(module):
+        return Leave(f"a {name}, a class registered with bnkit.register_batchnorm that convert cannot rebuild", True)
     base = "bnkit.BatchNorm" if is_bnkit_batchnorm(module) else "torch.nn BatchNorm"
     return Leave(
-        f"a {type(module).__name__}, a subclass of {base} with behaviour of its own that to={to!r} would drop; "
+        f"a {name}, a subclass of {base} with behaviour of its own that to={to!r} would drop; "
         "kept as it is (convert it yourself)",
         True,
     )

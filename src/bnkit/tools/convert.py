@@ -18,7 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from bnkit.layers.find import LayerSelector, is_batch_independent_norm
+from bnkit.layers.find import LayerSelector
+from bnkit.layers.kinds import unrecognised_running_stats
 from bnkit.shared.selection import check_selector, matches
 from bnkit.tools._convert_layers import (
     TORCH_CLASSES,
@@ -141,13 +142,7 @@ def _find(model: nn.Module, layers: LayerSelector) -> list[tuple[str, nn.Module,
 
 
 def _unrecognised(model: nn.Module) -> tuple[str, ...]:
-    names = []
-    for name, module in model.named_modules():
-        buffers = dict(module.named_buffers(recurse=False))
-        if "running_mean" in buffers or "running_var" in buffers:
-            if layer_kind(module) is None and not is_batch_independent_norm(module):
-                names.append(name or "<model>")
-    return tuple(names)
+    return tuple(name or "<model>" for name, _ in unrecognised_running_stats(model))
 
 
 def _check_lazy(name: str, module: nn.Module) -> None:
