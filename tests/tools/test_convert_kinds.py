@@ -253,3 +253,15 @@ def test_report_is_attached_and_serialisable() -> None:
         "unrecognised": [],
     }
     assert str(report).splitlines()[0] == "converted: 1 (BatchNorm2d -> BatchNorm)"
+
+
+@pytest.mark.parametrize("example", [None, torch.randn(1, 3, 64, 64)], ids=["no-inputs", "example-inputs"])
+def test_googlenet_aux_heads_syncbn_to_bn(example: torch.Tensor | None) -> None:
+    """The aux heads only run in training: an eval forward never reaches them, the model's graph does."""
+    from torchvision.models import googlenet
+
+    model = googlenet(weights=None, aux_logits=True, init_weights=False)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    plain = convert(synced, "torch", example_inputs=example)
+    assert _types(plain) == _types(model)
+    assert type(plain.aux1.conv.bn) is nn.BatchNorm2d
