@@ -275,9 +275,8 @@ def convert_with_report(
 
     report = ConvertReport(to, converted, tuple(unchanged), kept, skipped, _unrecognised(model))
     _warn(model, found, replacements, report)
-    out = replace_modules(result, replacements)
-    out.bnkit_convert_report = report
-    return out, report
+    # The report is returned, not attached to the model: a "torch" result must unpickle without bnkit.
+    return replace_modules(result, replacements), report
 
 
 def _warn(model: nn.Module, found: list, replacements: dict[int, nn.Module], report: ConvertReport) -> None:
@@ -373,10 +372,10 @@ def convert(
     A layer the target cannot hold (a subclass with behaviour of its own, timm's BatchNormAct under
     ``"bnkit"``) is left as it is and listed under ``skipped`` in the report, with a warning; the call never
     fails because of it. Modules that hold running statistics but that bnkit does not recognise are named in
-    the report and a warning, as is a model without any BatchNorm. The :class:`ConvertReport` is attached to
-    the result as ``bnkit_convert_report`` (:func:`convert_with_report` returns it too). Hooks on a replaced
-    layer do not move (a warning names the layers), except bnkit's own freeze. Lazy layers must have seen an
-    input.
+    the report and a warning, as is a model without any BatchNorm; :func:`convert_with_report` returns the
+    :class:`ConvertReport` (it is not attached to the model, so a ``"torch"`` result unpickles without bnkit).
+    Hooks on a replaced layer do not move (a warning names the layers), except bnkit's own freeze. Lazy layers
+    must have seen an input.
 
     Args:
         model: any module; the model itself may be a BatchNorm.
@@ -384,7 +383,8 @@ def convert(
         inplace: convert inside ``model`` instead of a deep copy. A model that is itself a BatchNorm cannot be
             replaced in place; its conversion is returned.
         layers: which BatchNorm layers (None: all; glob, type, predicate or list of names).
-        dim: ``"torch"``/``"frozen"``: 1, 2 or 3 for every layer of unknown class, or a dict of name -> dim.
+        dim: ``"torch"``/``"frozen"``: 1, 2 or 3 for every layer (it wins over everything else), or a dict of
+            qualified name -> dim.
         example_inputs: inputs for one eval-mode forward pass that records each layer's input rank.
         groups: ``"group"`` only: the number of groups, or a callable ``num_channels -> groups``.
         process_group: ``"sync"``/``"bnkit-sync"``/``"torch-sync"``: the process group (default: the world).
