@@ -74,7 +74,7 @@ class ZooModel:
             if self.detector:
                 out.append(self._images(generator)[: 1 + k % 2])
             else:
-                shape = (2 + k % 2, *self.shape[1:])  # type: ignore[misc]
+                shape = (4 + k % 2, *self.shape[1:])  # type: ignore[misc]
                 out.append(torch.randn(shape, generator=generator) * 1.5 + 0.25)
         return out
 

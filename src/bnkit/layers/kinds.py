@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from bnkit.shared.selection import Selector, matches
@@ -106,6 +107,8 @@ class BatchNormInfo:
         updates_stats: a training-mode forward would update the running statistics (running statistics are
             tracked and the layer is not frozen).
         lazy: a ``torch.nn`` LazyBatchNorm that has not seen an input yet (no shapes).
+        fixed: the class itself fixes the statistics (a frozen kind, or a class registered with ``frozen=True``):
+            no switch unfreezes them, and only ``bnkit.recalibrate(..., include_frozen=True)`` rewrites them.
 
     Example:
         >>> info = describe_batchnorm(nn.BatchNorm2d(8, momentum=0.2))
@@ -132,6 +135,7 @@ class BatchNormInfo:
     frozen: bool
     updates_stats: bool
     lazy: bool = False
+    fixed: bool = False
 
     @property
     def has_running_stats(self) -> bool:
@@ -428,6 +432,7 @@ def _describe_registered(module: nn.Module, reg: _Registration) -> BatchNormInfo
         drop=_not_identity(drop),
         frozen=frozen,
         updates_stats=updates,
+        fixed=reg.frozen,
     )
 
 
@@ -558,12 +563,13 @@ def _describe_frozen(module: nn.Module, kind: str) -> BatchNormInfo:
         drop=_not_identity(getattr(module, "drop", None)) if kind == "timm-frozen-bnact" else None,
         frozen=True,
         updates_stats=False,
+        fixed=True,
     )
 
 
 def _looks_frozen(module: nn.Module) -> bool:
     """The FrozenBatchNorm2d shape: weight, bias, running_mean, running_var all buffers of one shape [C]; eps."""
-    buffers = module._buffers
+    buffers = dict(module.named_buffers(recurse=False))
     tensors = [buffers.get(key) for key in ("weight", "bias", "running_mean", "running_var")]
     if not all(isinstance(t, Tensor) and t.ndim == 1 and t.is_floating_point() for t in tensors):
         return False
@@ -581,7 +587,7 @@ def describe_batchnorm(module: Any) -> BatchNormInfo | None:
     ``torch.nn`` BatchNorm and its subclasses, then look-alikes of ``FrozenBatchNorm2d`` by their buffers.
 
     Args:
-        module: any object (non-modules give None).
+        module: any object (non-modules and TorchScript modules give None).
 
     Returns:
         A :class:`BatchNormInfo`, or None.
@@ -593,8 +599,8 @@ def describe_batchnorm(module: Any) -> BatchNormInfo | None:
         >>> describe_batchnorm(nn.SyncBatchNorm(4)).kind, describe_batchnorm(nn.Conv2d(1, 1, 1)) is None
         ('sync', True)
     """
-    if not isinstance(module, nn.Module):
-        return None
+    if not isinstance(module, nn.Module) or isinstance(module, torch.jit.ScriptModule):
+        return None  # a TorchScript module is compiled code: no tool can edit it
     registration = _registration(module)
     if registration is not None:
         return _describe_registered(module, registration)

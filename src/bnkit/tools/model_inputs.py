@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ExampleInputs", "call_on_batch", "call_with_example", "eval_run", "input_device_dtype"]
+__all__ = ["call_on_batch", "call_with_example", "eval_run", "input_device_dtype"]
 
 
 def input_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -47,9 +47,11 @@ def call_on_batch(model: nn.Module, batch: Any, tool: str = "bnkit") -> Any:
     return model(batch)
 
 
-#: Example inputs, the one calling convention of every tool that runs a model once (doctor, fuse, summary,
-#: convert, shift, Monitor): a tensor or a list (one positional argument: a torchvision detector takes a list of
-#: images), a tuple (positional arguments), a mapping (keyword arguments), or a callable ``forward(model)``.
+#: Example inputs, the one calling convention of every tool that runs a model once (doctor, fuse, convert,
+#: Monitor): a tensor or a list (one positional argument: a torchvision detector takes a list of images), a tuple
+#: (positional arguments), a mapping (keyword arguments), or a callable ``forward(model)``. A type alias of
+#: ``Any`` (importable, not in ``__all__``: the docstring test would otherwise read ``typing.Any``'s docstring).
+#: See docs/tools.md, "Example inputs".
 ExampleInputs = Any
 
 
