@@ -227,7 +227,7 @@ def test_unknown_subclass_is_kept_and_reported_never_refused(to: str, snapshot, 
 
 def test_unrecognised_running_statistics_and_empty_models_are_never_silent() -> None:
     model = nn.Sequential(nn.Conv1d(3, 3, 1), CustomFrozen())
-    with pytest.warns(UserWarning, match=r"convert: 1 hold running statistics but bnkit does not recognise them"):
+    with pytest.warns(UserWarning, match=r"convert: modules with running statistics .* were left out: 1;"):
         _, report = convert_with_report(model, "bnkit")
     assert report.unrecognised == ("1",) and len(report) == 0
     assert "not recognised (hold running statistics): 1" in str(report)

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from bnkit.layers.find import LayerSelector
-from bnkit.layers.kinds import unrecognised_running_stats
+from bnkit.layers.kinds import unrecognised_running_stats, warn_unrecognised
 from bnkit.shared.selection import check_selector, matches
 from bnkit.tools._convert_layers import (
     TORCH_CLASSES,
@@ -297,12 +297,7 @@ def _warn(model: nn.Module, found: list, replacements: dict[int, nn.Module], rep
             stacklevel=3,
         )
     if report.unrecognised:
-        warnings.warn(
-            f"convert: {', '.join(report.unrecognised)} hold running statistics but bnkit does not recognise them "
-            "as BatchNorm layers; they were not converted",
-            UserWarning,
-            stacklevel=3,
-        )
+        warn_unrecognised(model, "convert", stacklevel=4)
     if not found and not report.unrecognised:
         warnings.warn(
             f"convert: the model ({type(model).__name__}) has no BatchNorm layer; nothing to convert",
