@@ -104,6 +104,9 @@ def test_syncbn_rank_that_the_model_does_not_fix_needs_dim_or_inputs(snapshot, s
     same(before, snapshot(model))
     assert type(convert(model, "torch", example_inputs=torch.randn(2, 4, 3, 2)).bn) is nn.BatchNorm2d
     assert type(convert(model, "torch", dim={"bn": 3}).bn) is nn.BatchNorm3d
+    with pytest.raises(ValueError, match=r"the model failed on example_inputs \(RuntimeError: .*leave them out"):
+        convert(model, "torch", example_inputs=torch.randn(2, 5, 3))
+    same(before, snapshot(model))
 
 
 def _frozen_backbone() -> nn.Sequential:

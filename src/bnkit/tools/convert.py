@@ -20,6 +20,7 @@ from torch import nn
 
 from bnkit.layers.find import LayerSelector
 from bnkit.layers.kinds import unrecognised_running_stats, warn_unrecognised
+from bnkit.shared.errors import first_line
 from bnkit.shared.selection import check_selector, matches
 from bnkit.tools._convert_layers import (
     TORCH_CLASSES,
@@ -171,7 +172,15 @@ def _dims(
     last saw, the class a layer was converted from, then the layers around it in the model."""
     if not isinstance(dim, Mapping):
         _check_dim(dim)
-    ranks = recorded_ranks(model, [m for _, m, _ in found], example_inputs) if example_inputs is not None else {}
+    ranks: dict[int, int] = {}
+    if example_inputs is not None:
+        try:
+            ranks = recorded_ranks(model, [m for _, m, _ in found], example_inputs)
+        except Exception as err:
+            raise ValueError(
+                f"convert: the model failed on example_inputs ({first_line(err, with_type=True)}); pass inputs it "
+                "accepts, or leave them out: the ranks are read from the model itself"
+            ) from err
     dims: dict[int, int] = {}
     for name, module, _ in found:
         chosen = dim.get(name) if isinstance(dim, Mapping) else dim
