@@ -168,6 +168,8 @@ def test_timm_batchnormact_is_kept_for_bnkit_and_converted_with_its_activation_e
         as_bnkit, report = convert_with_report(model, "bnkit")
     assert type(as_bnkit[1]) is BatchNormAct2d and type(as_bnkit[3]) is bnkit.BatchNorm
     assert report.converted == {"3": "BatchNorm2d -> BatchNorm"} and "1" in report.skipped
+    with pytest.warns(UserWarning, match=r"for to='sync': 1 .*to='torch-sync' gives timm's SyncBatchNormAct"):
+        convert(model, "sync")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         back, back_report = convert_with_report(as_bnkit, "torch")  # kept: it already is a BatchNorm2d

@@ -192,7 +192,8 @@ def to_bnkit(name: str, module: nn.Module, kind: str, sync: bool, process_group:
     if kind == "bnkit":
         return _bnkit_synced(module, process_group) if sync else module
     if kind not in ("torch", "torch-sync"):
-        raise _subclass(module, "sync" if sync else "bnkit") if kind == "subclass" else _kept_reason(kind, "bnkit")
+        target = "sync" if sync else "bnkit"
+        raise _subclass(module, target) if kind == "subclass" else _kept_reason(kind, target)
     new = bnkit_batchnorm_class().from_torch(module)
     if new.torch_dim is None and dim is not None:
         new.torch_dim = dim
