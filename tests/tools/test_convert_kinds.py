@@ -270,3 +270,42 @@ def test_googlenet_aux_heads_syncbn_to_bn(example: torch.Tensor | None) -> None:
     plain = convert(synced, "torch", example_inputs=example)
     assert _types(plain) == _types(model)
     assert type(plain.aux1.conv.bn) is nn.BatchNorm2d
+
+
+class FixedNorm(nn.Module):
+    """A frozen BatchNorm of a user's own, with its own attribute names (taught with register_batchnorm)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mu", torch.randn(channels))
+        self.register_buffer("var", torch.rand(channels) + 0.5)
+        self.register_buffer("gamma", torch.rand(channels) + 0.5)
+        self.eps = 1e-3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return self.gamma.view(shape) * (x - self.mu.view(shape)) / (self.var.view(shape) + self.eps).sqrt()
+
+
+def test_registered_frozen_class_thaws_through_its_description() -> None:
+    from bnkit.layers.kinds import register_batchnorm, unregister_batchnorm
+
+    register_batchnorm(FixedNorm, running_mean="mu", running_var="var", weight="gamma", bias=None, frozen=True)
+    try:
+        model = nn.Sequential(nn.Conv1d(3, 4, 1), FixedNorm(4), nn.Sequential(FixedNorm(4)))
+        with pytest.warns(UserWarning, match="nothing to convert to 'bnkit'"):
+            kept = convert_with_report(model, "bnkit")[1]
+        assert set(kept.kept) == {"1", "2.0"}
+        thawed, report = convert_with_report(model, "trainable")  # BatchNorm1d: from the Conv1d and the Sequential
+        assert type(thawed[1]) is nn.BatchNorm1d and type(thawed[2][0]) is nn.BatchNorm1d
+        assert thawed[1].eps == 1e-3 and torch.equal(thawed[1].weight, model[1].gamma)
+        assert torch.equal(thawed[1].bias, torch.zeros(4)) and len(report) == 2
+        x = torch.randn(5, 3, 7)
+        with torch.no_grad():
+            torch.testing.assert_close(thawed.eval()(x), model(x), rtol=1e-5, atol=1e-5)
+        lone = FixedNorm(4)
+        with pytest.raises(ValueError, match=r"layer '<model>' needs BatchNorm1d, 2d or 3d \(to='trainable'\)"):
+            convert(lone, "trainable")
+        assert type(convert(lone, "trainable", dim=3)) is nn.BatchNorm3d
+    finally:
+        unregister_batchnorm(FixedNorm)

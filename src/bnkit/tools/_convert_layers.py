@@ -70,8 +70,8 @@ def layer_kind(module: nn.Module) -> str | None:
     if info is None:
         return None
     cls = type(module)
-    if info.kind in _FROZEN:
-        return "frozen"
+    if info.kind in _FROZEN or (info.fixed and info.kind != "timm-frozen-bnact"):
+        return "frozen"  # the class fixes statistics and gamma/beta: FrozenBatchNorm2d, look-alikes, registered
     exact = {
         "torch": cls in TORCH_CLASSES.values(),
         "sync": cls is nn.SyncBatchNorm,
@@ -370,24 +370,39 @@ def to_frozen(name: str, module: nn.Module, kind: str, dim: int | None) -> nn.Mo
     return new
 
 
-def to_trainable(module: nn.Module, kind: str) -> nn.Module:
-    """The ``"trainable"`` form of one layer.
+def to_trainable(name: str, module: nn.Module, kind: str, dim: int | None) -> nn.Module:
+    """The ``"trainable"`` form of one layer: a frozen layer becomes ``BatchNorm{dim}d`` (timm's
+    ``BatchNormAct2d`` for ``FrozenBatchNormAct2d``), read through its :class:`bnkit.layers.kinds.BatchNormInfo`.
 
     Example:
         >>> from torchvision.ops.misc import FrozenBatchNorm2d
-        >>> to_trainable(FrozenBatchNorm2d(4), "frozen")
+        >>> to_trainable("bn", FrozenBatchNorm2d(4), "frozen", None)
         BatchNorm2d(4, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)
     """
     if kind not in ("frozen", "frozen-act"):
         return module
-    eps = float(module.eps)
-    values = {k: getattr(module, k).detach() for k in ("weight", "bias", "running_mean", "running_var")}
-    ref = values["running_mean"]
+    info = describe_batchnorm(module)
+    assert info is not None and info.running_mean is not None and info.running_var is not None
+    if kind == "frozen" and (info.activation is not None or info.drop is not None):
+        raise Leave("applies an activation after normalising, which BatchNorm2d would drop", True)
+    if info.channel_axis != 1:
+        raise Leave(f"normalises channel axis {info.channel_axis}; torch.nn BatchNorm needs axis 1", True)
+    mean = info.running_mean.detach()
+    values = {
+        "weight": info.weight.detach() if info.weight is not None else torch.ones_like(mean),
+        "bias": info.bias.detach() if info.bias is not None else torch.zeros_like(mean),
+        "running_mean": mean,
+        "running_var": info.running_var.detach(),
+    }
+    factory = {"device": mean.device, "dtype": mean.dtype}
     if kind == "frozen-act":
-        new = _move_act(module, _timm_class("BatchNormAct2d")(ref.numel(), eps=eps, momentum=0.1))
-        new.to(device=ref.device, dtype=ref.dtype)
+        new = _move_act(module, _timm_class("BatchNormAct2d")(mean.numel(), eps=info.eps, momentum=0.1))
+        new.to(**factory)
     else:
-        new = nn.BatchNorm2d(ref.numel(), eps=eps, momentum=0.1, device=ref.device, dtype=ref.dtype)
+        dim = info.spatial_dims or dim
+        if dim is None:
+            raise _unknown_rank(name or "<model>", "trainable")
+        new = TORCH_CLASSES[dim](mean.numel(), eps=info.eps, momentum=0.1, **factory)
     with torch.no_grad():
         for key, value in values.items():
             getattr(new, key).copy_(value)

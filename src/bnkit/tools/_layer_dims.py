@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from bnkit.layers.kinds import describe_batchnorm, is_batchnorm_like
+
 #: output/input rank per module class, as the BatchNorm dim (1: rank 2-3, 2: rank 4, 3: rank 5)
 _DIM_OF_CLASS: dict[type[nn.Module], int] = {
     nn.Linear: 1,
@@ -109,13 +111,14 @@ def module_dim(module: nn.Module) -> int | None:
         if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)) and isinstance(module, cls):
             return dim
     recorded = getattr(module, "torch_dim", None) or getattr(module, "bnkit_torch_dim", None)
-    return recorded if recorded in (1, 2, 3) else None
+    if recorded in (1, 2, 3):
+        return recorded
+    info = describe_batchnorm(module)  # FrozenBatchNorm2d, timm's layers, registered classes
+    return info.spatial_dims if info is not None else None
 
 
 def _same_rank(module: nn.Module) -> bool:
-    from bnkit.layers.find import is_batchnorm
-
-    return isinstance(module, _SAME_RANK_MODULES) or is_batchnorm(module)
+    return isinstance(module, _SAME_RANK_MODULES) or is_batchnorm_like(module)
 
 
 class _Tracer(fx.Tracer):

@@ -14,12 +14,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from torch import nn
 
 from bnkit.layers.find import LayerSelector
-from bnkit.layers.kinds import unrecognised_running_stats, warn_unrecognised
+from bnkit.layers.kinds import describe_batchnorm, unrecognised_running_stats, warn_unrecognised
 from bnkit.shared.errors import first_line
 from bnkit.shared.selection import check_selector, matches
 from bnkit.tools._convert_layers import (
@@ -43,8 +44,13 @@ __all__ = ["TARGETS", "ConvertReport", "convert", "convert_with_report", "defaul
 TARGETS = ("bnkit", "sync", "bnkit-sync", "torch", "torch-sync", "group", "frozen", "trainable")
 
 _RANK_TO_DIM = {2: 1, 3: 1, 4: 2, 5: 3}
+_NO_INFO = SimpleNamespace(spatial_dims=None)
 # the targets that need to know whether a layer of unknown class is a 1d, 2d or 3d one
-_NEEDS_DIM = {"torch": ("torch-sync", "bnkit"), "frozen": ("torch-sync", "bnkit", "sync-act")}
+_NEEDS_DIM = {
+    "torch": ("torch-sync", "bnkit"),
+    "frozen": ("torch-sync", "bnkit", "sync-act"),
+    "trainable": ("frozen",),
+}
 
 
 def default_groups(num_channels: int) -> int:
@@ -189,6 +195,7 @@ def _dims(
         chosen = chosen or _RANK_TO_DIM.get(ranks.get(id(module), 0))
         chosen = chosen or _RANK_TO_DIM.get(getattr(module, "_seen_dim", 0))
         chosen = chosen or getattr(module, "torch_dim", None) or getattr(module, "bnkit_torch_dim", None)
+        chosen = chosen or (describe_batchnorm(module) or _NO_INFO).spatial_dims
         if chosen in TORCH_CLASSES:
             dims[id(module)] = chosen
     missing = [m for _, m, kind in found if id(m) not in dims and kind in kinds]
@@ -216,7 +223,7 @@ def _build(
     if to == "frozen":
         return to_frozen(name, module, kind, dim)
     if to == "trainable":
-        return to_trainable(module, kind)
+        return to_trainable(name, module, kind, dim)
     return to_group(name, module, kind, groups, {1: 3, 2: 4, 3: 5}.get(dim or 0))
 
 
@@ -248,8 +255,8 @@ def convert_with_report(
         raise TypeError(f"convert: inplace must be True or False, got {inplace!r}")
     if groups is not None and to != "group":
         raise ValueError(f"convert: groups= only applies to to='group', not to={to!r}")
-    if dim is not None and to not in ("torch", "frozen"):
-        raise ValueError(f"convert: dim= only applies to to='torch' and to='frozen', not to={to!r}")
+    if dim is not None and to not in ("torch", "frozen", "trainable"):
+        raise ValueError(f"convert: dim= only applies to to='torch', 'frozen' and 'trainable', not to={to!r}")
 
     # Check every selected layer on the original before copying or touching anything.
     for name, module, _ in _find(model, layers):
@@ -259,7 +266,7 @@ def convert_with_report(
     found = _find(result, layers)
     dims: dict[int, int] = {}
     synced = to in ("bnkit", "sync", "bnkit-sync") and any(kind == "torch-sync" for *_, kind in found)
-    if to in ("torch", "frozen") or example_inputs is not None or synced:
+    if to in ("torch", "frozen", "trainable") or example_inputs is not None or synced:
         # "bnkit" from SyncBatchNorm: the rank is recorded on the bnkit layer for a later "torch"
         dims = _dims(result, found, dim, example_inputs, _NEEDS_DIM.get(to, ("torch-sync",)))
 
@@ -363,7 +370,8 @@ def convert(
       equals the source in eval mode (to float rounding: it computes ``x * scale + shift``), in train mode too
       (it never uses batch statistics); momentum and ``num_batches_tracked`` are dropped. Layers that are not
       2d or have no running statistics are skipped (``bnkit.freeze`` freezes them in place).
-    - ``"trainable"``: ``FrozenBatchNorm2d`` (torchvision, timm, detectron2 look-alikes) -> ``nn.BatchNorm2d``
+    - ``"trainable"``: ``FrozenBatchNorm2d`` (torchvision, timm, detectron2 look-alikes, classes registered
+      with ``frozen=True``) -> ``nn.BatchNorm2d`` (1d/3d for a registered class, by the rules of ``"torch"``)
       and ``FrozenBatchNormAct2d`` -> ``BatchNormAct2d``, to fine-tune a detector backbone: same eps, gamma,
       beta and statistics (equal in eval mode), ``momentum=0.1``, ``num_batches_tracked=0``, gamma/beta
       trainable, the training flag the frozen layer had; in train mode the layers now use batch statistics.
@@ -387,8 +395,8 @@ def convert(
         inplace: convert inside ``model`` instead of a deep copy. A model that is itself a BatchNorm cannot be
             replaced in place; its conversion is returned.
         layers: which BatchNorm layers (None: all; glob, type, predicate or list of names).
-        dim: ``"torch"``/``"frozen"``: 1, 2 or 3 for every layer (it wins over everything else), or a dict of
-            qualified name -> dim.
+        dim: ``"torch"``/``"frozen"``/``"trainable"``: 1, 2 or 3 for every layer whose class does not fix it
+            (it wins over everything else), or a dict of qualified name -> dim.
         example_inputs: inputs for one eval-mode forward pass that records each layer's input rank.
         groups: ``"group"`` only: the number of groups, or a callable ``num_channels -> groups``.
         process_group: ``"sync"``/``"bnkit-sync"``/``"torch-sync"``: the process group (default: the world).
