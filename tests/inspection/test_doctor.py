@@ -310,3 +310,8 @@ def test_bad_arguments() -> None:
         bnkit.doctor(_mlp(), torch.randn(8, 5))
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         bnkit.doctor(None)  # type: ignore[arg-type]
+
+
+def test_a_model_without_batchnorm_is_not_passed_silently() -> None:
+    with pytest.warns(UserWarning, match="doctor: the model has no BatchNorm layer; nothing to check"):
+        assert bnkit.doctor(nn.Sequential(nn.Linear(2, 2))).codes() == []

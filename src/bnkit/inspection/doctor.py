@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -678,6 +679,8 @@ def doctor(model: nn.Module, example_inputs: Any = None, *, intent: str | None =
     if intent not in _INTENTS:
         raise ValueError(f"intent must be one of 'inference', 'training', 'fine-tune' or None, got {intent!r}")
     batchnorms = _batchnorms(model)
+    if not batchnorms and not unrecognised_running_stats(model):
+        warnings.warn("doctor: the model has no BatchNorm layer; nothing to check", UserWarning, stacklevel=2)
     trace = _trace(model, example_inputs, batchnorms) if example_inputs is not None else None
     ctx = Context(model=model, batchnorms=batchnorms, intent=intent, trace=trace)
     findings = Diagnosis()

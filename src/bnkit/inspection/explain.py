@@ -7,6 +7,7 @@ them), never from running the model. Nothing is changed.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -167,6 +168,8 @@ def explain(model: nn.Module) -> Explanation:
     check_model(model, "explain")
     result = Explanation(_explain_layer(name, module) for name, module in named_norms(model))
     result.unrecognised = warn_unrecognised(model, "explain")
+    if not result and not result.unrecognised:
+        warnings.warn("explain: the model has no BatchNorm or other normalisation layer", UserWarning, stacklevel=2)
     return result
 
 
