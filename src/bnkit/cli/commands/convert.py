@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         choices=(1, 2, 3),
         default=None,
-        help="--to torch/frozen: BatchNorm1d/2d/3d for the layers whose rank neither the model nor --input-size fixes",
+        help="--to torch/frozen/trainable: BatchNorm1d/2d/3d where neither the model nor --input-size fixes the rank",
     )
     parser.add_argument(
         "--no-strict",
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loaded, model = load_eager(args, NAME)
     check_output(loaded, args)
     example = example_batch(model, args.input_size, 2)
-    dim = getattr(args, "dim", None) if args.to in ("torch", "frozen") else None
+    dim = getattr(args, "dim", None) if args.to in ("torch", "frozen", "trainable") else None
     try:
         converted, report = convert_with_report(
             model, args.to, example_inputs=example, groups=args.groups, strict=args.strict, dim=dim
