@@ -32,6 +32,8 @@ _EXPORTS: dict[str, str] = {
     "freeze": "bnkit.tools.freeze",
     "unfreeze": "bnkit.tools.freeze",
     "convert": "bnkit.tools.convert",
+    "convert_with_report": "bnkit.tools.convert",
+    "ConvertReport": "bnkit.tools.convert",
     "fuse": "bnkit.tools.fuse",
     "fuse_with_report": "bnkit.tools.fuse",
     "FuseReport": "bnkit.tools.fuse",
