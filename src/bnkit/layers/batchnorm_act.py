@@ -109,42 +109,46 @@ class _BatchNormActFunction(torch.autograd.Function):
         kind, param = ctx.kind, ctx.param
         # the activation's derivative and its inverse, both from the output (y > 0 exactly where z > 0)
         if kind == "identity":
-            dz, z = grad, y
-        else:
-            positive = y > 0
-            if kind == "relu":  # running statistics only: xhat is never needed where the ReLU clipped
-                dz, z = torch.where(positive, grad, torch.zeros_like(grad)), y
-            elif kind == "leaky_relu":
-                dz, z = torch.where(positive, grad, grad * param), torch.where(positive, y, y / param)
-            else:  # elu: y = alpha * (exp(z) - 1) for z <= 0
-                dz = torch.where(positive, grad, grad * (y + param))
-                z = torch.where(positive, y, torch.log1p(y / param))
+            dz, z = grad, (y if index is None else y.clone())
+        elif kind == "relu":  # running statistics only: xhat is never needed where the ReLU clipped
+            dz, z = torch.ops.aten.threshold_backward(grad, y, 0), y.clone()
+        elif kind == "leaky_relu":
+            dz = torch.ops.aten.leaky_relu_backward(grad, y, param, True)
+            z = F.leaky_relu(y, 1.0 / param)
+        else:  # elu: y = alpha * (exp(z) - 1) for z <= 0
+            dz = torch.ops.aten.elu_backward(grad, param, 1, 1, True, y)
+            negative = y.clamp_max(0)
+            z = (y - negative).add_(torch.log1p(negative / param))
         need_weight = weight is not None and ctx.needs_input_grad[1]
-        xhat = None
-        if need_weight or (ctx.batch and ctx.needs_input_grad[0]):
-            shifted = z if bias is None else z - bias.reshape(view)
-            if weight is None:
-                xhat = shifted
-            else:
-                # a channel with gamma == 0 gets dx == 0 (scale 0) whatever xhat is; its xhat comes from `selected`
-                safe = torch.where(weight == 0, torch.ones_like(weight), weight)
-                xhat = shifted / safe.reshape(view)
-            if index is not None:
-                xhat = xhat.index_copy(1, index, selected)
-        sum_dz = dz.sum(dims)
-        sum_dz_xhat = (dz * xhat).sum(dims) if xhat is not None else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            scale = invstd if weight is None else invstd * weight
-            if ctx.batch:
-                count = y.numel() // channels
-                assert sum_dz_xhat is not None and xhat is not None
-                inner = dz - (sum_dz / count).reshape(view) - xhat * (sum_dz_xhat / count).reshape(view)
-                grad_x = inner * scale.reshape(view)
-            else:
-                grad_x = dz * scale.reshape(view)
-        grad_w = sum_dz_xhat if need_weight else None
-        grad_b = sum_dz if bias is not None and ctx.needs_input_grad[2] else None
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        # xhat = (z - beta) / gamma, per channel. A channel with gamma == 0 gets dx == 0 (its scale is 0) whatever
+        # xhat is; the channels in `index` take their exact xhat from `selected` (shift 0, scale 1)
+        shift = bias.detach() if bias is not None else torch.zeros_like(invstd)
+        if weight is None:
+            inverse = torch.ones_like(invstd)
+        else:
+            inverse = 1.0 / torch.where(weight == 0, torch.ones_like(weight), weight.detach())
+        if index is not None:
+            z.index_copy_(1, index, selected)
+            shift = shift.index_fill(0, index, 0)
+            inverse = inverse.index_fill(0, index, 1)
+        scale = invstd if weight is None else invstd * weight.detach()
+        mask = [ctx.needs_input_grad[0], need_weight, need_bias]
+        if ctx.batch:
+            # torch's fused BN backward with "mean" beta and "invstd" 1/gamma sees exactly xhat, and with weight
+            # gamma * invstd / (1/gamma) it computes dx = gamma * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)),
+            # dgamma = sum(dz * xhat) and dbeta = sum(dz)
+            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+                dz, z, scale / inverse, None, None, shift, inverse, True, 0.0, mask
+            )
+        else:
+            grad_x = dz * scale.reshape(view) if mask[0] else None
+            xhat = (z - shift.reshape(view)) * inverse.reshape(view) if mask[1] else None
+            grad_w = (dz * xhat).sum(dims) if xhat is not None else None
+            grad_b = dz.sum(dims) if mask[2] else None
+        grad_x = grad_x if mask[0] else None
+        grad_w = grad_w if mask[1] else None
+        grad_b = grad_b if mask[2] else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
