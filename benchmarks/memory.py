@@ -243,7 +243,10 @@ def main() -> None:
         bytes_ = {variant: saved_bytes(model, x) for variant, model in models.items()}
         times = step_times(models, x, args.repeats)
         print(f"\n{net_name}")
-        print(f"  {'variant':8s} {'saved MB':>9s} {'/ no-BN':>8s} {'/ torch':>8s} {'step s':>8s} {'/ torch':>8s} {'largest batch':>14s}")
+        header = ("variant", "saved MB", "/ no-BN", "/ torch", "step s", "/ torch", "largest batch")
+        print(
+            f"  {header[0]:8s} " + " ".join(f"{h:>{w}s}" for h, w in zip(header[1:], (9, 8, 8, 8, 8, 14), strict=True))
+        )
         for variant in VARIANTS:
             b = bytes_[variant]
             largest = int(budget // (b / args.batch))

@@ -40,7 +40,9 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     actual, expected = actual.detach().double(), expected.detach().double()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     error = float((actual - expected).norm())
-    assert error <= 1e-5 * float(expected.norm()) + 1e-30, f"{what}: relative error {error / float(expected.norm()):.2e}"
+    assert error <= 1e-5 * float(expected.norm()) + 1e-30, (
+        f"{what}: relative error {error / float(expected.norm()):.2e}"
+    )
 
 
 def _randomise(layer: nn.Module, seed: int) -> None:

@@ -63,7 +63,6 @@ class _BatchNormActFunction(torch.autograd.Function):
         capacity: int,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         channels = x.shape[1]
-        view = (1, channels) + (1,) * (x.ndim - 2)
         if batch:
             # torch's kernel writes the batch statistics into these copies: with momentum 1 and fresh buffers
             # exactly the batch mean and unbiased variance, with the layer's buffers torch's own update
@@ -364,7 +363,7 @@ class BatchNormAct(BatchNorm):
         if act is not None and activation is None:
             drop = getattr(module, "drop", None)
             if drop is not None and not isinstance(drop, nn.Identity):
-                raise ValueError(f"BatchNormAct.from_torch: the module's drop layer {type(drop).__name__} is unsupported")
+                raise ValueError(f"BatchNormAct.from_torch: drop layer {type(drop).__name__} is unsupported")
             kinds = {nn.Identity: "identity", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu"}
             if type(act) not in kinds:
                 raise ValueError(
