@@ -317,6 +317,9 @@ class BatchNormAct(BatchNorm):
             momentum = self.momentum if native else 1.0
         else:
             running, momentum = (self.running_mean, self.running_var), 0.0
+        # gamma's gradient is the only one that needs the exact channels (-1: not needed, nothing selected)
+        trains_gamma = weight is not None and weight.requires_grad and torch.is_grad_enabled()
+        capacity = self.exact_channels if trains_gamma else -1
         y, new_mean, new_var, inexact = _BatchNormActFunction.apply(
             xc,
             weight,
@@ -327,9 +330,9 @@ class BatchNormAct(BatchNorm):
             self.eps,
             self.activation,
             self._activation_param(),
-            self.exact_channels,
+            capacity,
         )
-        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        if capacity >= 0:
             with torch.no_grad():
                 self.inexact_batches.add_(inexact.to(self.inexact_batches.dtype))
         if update:
