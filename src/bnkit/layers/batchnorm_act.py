@@ -189,6 +189,9 @@ class BatchNormAct(BatchNorm):
     to ``C`` for a zero-initialised layer, or use ``memory="standard"``). The paper instead trains
     ``|gamma| + eps``, which changes the model; this layer does not.
 
+    **ELU's limit**: at strongly negative ``z`` the output is close to ``-alpha`` and ``log1p(y / alpha)`` recovers
+    ``z`` only to about ``eps * exp(-z)`` (float32: 1e-5 at ``z = -5``); identity and leaky ReLU have no such limit.
+
     Args:
         num_features: Number of channels ``C``.
         activation: ``"identity"``, ``"relu"``, ``"leaky_relu"`` or ``"elu"``.
@@ -299,8 +302,10 @@ class BatchNormAct(BatchNorm):
             and x.numel() > 0
             and self.uses_low_memory(training, masked=mask is not None, dtype=x.dtype)
         ):
+            # BatchNorm's output is a fresh tensor its backward does not need: the activation runs in place (as
+            # timm's BatchNormAct2d), keeping only its output for the backward
             y = super().forward(x, training, mask)
-            return _apply_activation(y, self.activation, self._activation_param(), inplace=False)
+            return _apply_activation(y, self.activation, self._activation_param(), inplace=True)
         axis = self._check_input(x, mask)
         if self._seen_dim != x.ndim:
             self._seen_dim = x.ndim
