@@ -96,11 +96,13 @@ def _gradcheck(layer: bnkit.BatchNormAct, shape: tuple[int, ...] = (3, 4, 3, 2))
     assert torch.autograd.gradcheck(fn, (x, weight, bias), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("activation", ["identity", "leaky_relu", "elu", "relu"])
-def test_gradcheck_float64_with_zero_and_tiny_gamma(activation: str, training: bool) -> None:
-    if activation == "relu" and training:
-        pytest.skip("ReLU in training takes the standard path (covered by the parity test)")
+@pytest.mark.parametrize(
+    ("activation", "training"),
+    # ReLU keeps only its output with running statistics; in training it takes the standard path (parity test)
+    [("identity", True), ("leaky_relu", True), ("elu", True)]
+    + [(a, False) for a in ("identity", "leaky_relu", "elu", "relu")],
+)
+def test_gradcheck_float64_with_zero_gamma(activation: str, training: bool) -> None:
     layer = _make(activation, 4, dtype=torch.float64, exact_channels=2).train(training)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([0.0, 1.3, 0.0, -0.7], dtype=torch.float64))
@@ -243,6 +245,40 @@ def test_keras_convention_low_path_equals_bnkit_keras_batchnorm() -> None:
     _close(xa.grad, xb.grad, "input gradient")
     for name in ("running_mean", "running_var"):
         _close(getattr(ours, name), getattr(ref, name), name)
+
+
+def test_no_exact_channels_are_kept_or_counted_without_gradients() -> None:
+    layer = _make("leaky_relu", 4, exact_channels=0)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer(torch.randn(8, 4, 3))
+    assert int(layer.inexact_batches) == 0 and int(layer.num_batches_tracked) == 1
+    x = torch.randn(8, 4, 3, requires_grad=True)
+    y = layer(x)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        grad.sum().backward()
+
+
+def test_keras_scale_false_and_affine_false_keep_only_the_output() -> None:
+    for make_ours, make_ref in (
+        (
+            lambda: bnkit.BatchNormAct.from_keras(4, activation="leaky_relu", axis=1, scale=False),
+            lambda: bnkit.BatchNorm.from_keras(4, axis=1, scale=False),
+        ),
+        (lambda: _make("leaky_relu", 4, affine=False), lambda: bnkit.BatchNorm(4, affine=False)),
+    ):
+        ours, ref = make_ours(), make_ref()
+        assert ours.uses_low_memory()
+        x = torch.randn(8, 4, 5) * 2
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        upstream = torch.randn(8, 4, 5)
+        (ours(xa) * upstream).sum().backward()
+        (F.leaky_relu(ref(xb), 0.1 if ours.negative_slope == 0.1 else 0.01) * upstream).sum().backward()
+        _close(xa.grad, xb.grad, "input gradient")
+        if ref.bias is not None:
+            _close(ours.bias.grad, ref.bias.grad, "bias gradient")
+        _close(ours.running_var, ref.running_var, "running_var")
 
 
 def test_frozen_affine_and_half_precision() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from bnkit.layers.batchnorm import BatchNorm
 
@@ -100,6 +101,7 @@ class _BatchNormActFunction(torch.autograd.Function):
         return y, new_mean, new_var, inexact
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         y, weight, bias, invstd, index, selected = ctx.saved_tensors
         channels = y.shape[1]
