@@ -391,6 +391,12 @@ def test_bad_settings_are_one_line_errors_naming_the_layer() -> None:
         with pytest.raises(ValueError, match=fragment) as info:
             bnkit.BatchNormAct(4, name="stem.bn", **kwargs)
         assert str(info.value).startswith("stem.bn:") and "\n" not in str(info.value)
+    layer = bnkit.BatchNormAct(4, "elu", name="head.bn")
+    with pytest.raises(ValueError, match=r"^head\.bn: activation must be one of"):
+        layer.activation = "gelu"
+    with pytest.raises(ValueError, match=r"^head\.bn: alpha must be"):
+        layer.alpha = float("nan")
+    assert layer.activation == "elu" and layer.alpha == 1.0
     with pytest.raises(ValueError, match="would drop the relu"):
         bnkit.BatchNormAct(4).to_torch()
     assert isinstance(bnkit.BatchNormAct(4, "identity").to_torch(), nn.BatchNorm2d)

@@ -40,6 +40,28 @@ def _apply_activation(z: Tensor, kind: str, param: float, inplace: bool) -> Tens
     return z
 
 
+_SETTINGS = frozenset({"activation", "negative_slope", "alpha", "memory", "exact_channels"})
+
+
+def _check_setting(label: str, name: str, value: Any, layer: nn.Module) -> Any:
+    """The value to store for ``name``, or a one-line ``ValueError`` naming the layer."""
+    if name == "activation" and value not in ACTIVATIONS:
+        raise ValueError(f"{label}: activation must be one of {', '.join(ACTIVATIONS)}. Received: {value!r}")
+    if name == "memory" and value not in _MEMORY:
+        raise ValueError(f"{label}: memory must be 'low' or 'standard'. Received: {value!r}")
+    if name in ("negative_slope", "alpha"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"{label}: {name} must be a finite number > 0 (the activation must be invertible). Received: {value!r}"
+            )
+        return float(value)
+    if name == "exact_channels":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{label}: exact_channels must be an int >= 0. Received: {value!r}")
+        return min(value, layer.num_features)
+    return value
+
+
 class _BatchNormActFunction(torch.autograd.Function):
     """BN (batch or running statistics) + activation that saves its output, not its input.
 
@@ -224,31 +246,24 @@ class BatchNormAct(BatchNorm):
         **kwargs: Any,
     ) -> None:
         super().__init__(num_features, **kwargs)
-        label = self.label()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"{label}: activation must be one of {', '.join(ACTIVATIONS)}. Received: {activation!r}")
-        if memory not in _MEMORY:
-            raise ValueError(f"{label}: memory must be 'low' or 'standard'. Received: {memory!r}")
-        for setting, value in (("negative_slope", negative_slope), ("alpha", alpha)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(
-                    f"{label}: {setting} must be a finite number > 0 (the activation must be invertible); "
-                    f"Received: {value!r}"
-                )
         if exact_channels is None:
             exact_channels = math.ceil(num_features / 64)
-        if isinstance(exact_channels, bool) or not isinstance(exact_channels, int) or exact_channels < 0:
-            raise ValueError(f"{label}: exact_channels must be an int >= 0. Received: {exact_channels!r}")
+        # checked here and on every later assignment (``layer.activation = "gelu"`` raises), with the same messages
         self.activation = activation
-        self.negative_slope = float(negative_slope)
-        self.alpha = float(alpha)
+        self.negative_slope = negative_slope
+        self.alpha = alpha
         self.memory = memory
-        self.exact_channels = min(exact_channels, num_features)
+        self.exact_channels = exact_channels
         # steps whose gamma gradient could not be kept exact (more ill-conditioned channels than exact_channels);
         # not persistent, so state dicts stay torch.nn's
         self.register_buffer(
             "inexact_batches", torch.zeros((), dtype=torch.long, device=kwargs.get("device")), persistent=False
         )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SETTINGS:
+            value = _check_setting(self.label() if "name" in self.__dict__ else "BatchNormAct", name, value, self)
+        super().__setattr__(name, value)
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), f"activation={self.activation!r}"]
