@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it (one concept per module; see docs/architecture.md)
 _EXPORTS: dict[str, str] = {
     "BatchNorm": "bnkit.layers.batchnorm",
+    "BatchNormAct": "bnkit.layers.batchnorm_act",
     "Renorm": "bnkit.layers.renorm",
     "is_batchnorm": "bnkit.layers.find",
     "named_batchnorms": "bnkit.layers.find",
@@ -64,6 +65,7 @@ __getattr__, __dir__ = _lazy.lazy_exports(__name__, _EXPORTS, globals())
 
 if TYPE_CHECKING:  # static re-exports for type checkers and IDEs
     from bnkit.layers.batchnorm import BatchNorm as BatchNorm
+    from bnkit.layers.batchnorm_act import BatchNormAct as BatchNormAct
     from bnkit.layers.find import is_batchnorm as is_batchnorm
     from bnkit.layers.find import named_batchnorms as named_batchnorms
     from bnkit.layers.kinds import BatchNormInfo as BatchNormInfo
