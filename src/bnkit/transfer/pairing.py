@@ -120,32 +120,53 @@ def pair_layers(keras_layers: list[KerasLayer], calls: list[TorchCall]) -> list[
         >>> pair_layers([], [TorchCall("<output>", None, np.zeros(1), np.zeros(1))])
         []
     """
-    pairs: list[Pair] = []
-    i = 0
+    from bnkit.transfer.weights import expected_torch, read_keras, read_torch
+
     modules = calls[:-1]
+    used: set[int] = set()
+    pairs: list[Pair] = []
     for item in keras_layers:
         need = len(_WANTS[item.kind])
-        chunk = modules[i : i + need]
-        _check_kind(item, chunk, i)
-        pairs.append(Pair(item, [(c.name, c.module) for c in chunk], i))
-        i += need
-    if i != len(modules):
-        extra = ", ".join(c.name for c in modules[i:])
+        # the next unused modules of the right kind, preferring the first whose weight shapes fit: parallel
+        # branches (a ResNet shortcut) may run in another order in PyTorch than in Keras's graph
+        starts = [
+            i
+            for i in range(len(modules) - need + 1)
+            if all(i + j not in used for j in range(need))
+            and tuple(torch_kind(c.module) for c in modules[i : i + need]) == _WANTS[item.kind]
+        ]
+        if not starts:
+            first = min((i for i in range(len(modules)) if i not in used), default=len(modules))
+            _check_kind(item, modules[first : first + need], first)
+        chosen = starts[0]
+        keras_values = read_keras(Pair(item, [], 0))
+        for start in starts:
+            candidate = Pair(item, [(c.name, c.module) for c in modules[start : start + need]], start)
+            try:
+                wanted = expected_torch(candidate, keras_values)
+            except (ValueError, KeyError):
+                continue
+            have = read_torch(candidate)
+            if all(have.get(key) is not None and have[key].shape == value.shape for key, value in wanted.items()):
+                chosen = start
+                break
+        chunk = modules[chosen : chosen + need]
+        _check_kind(item, chunk, chosen)
+        used.update(range(chosen, chosen + need))
+        pairs.append(Pair(item, [(c.name, c.module) for c in chunk], chosen))
+    if len(used) != len(modules):
+        extra = ", ".join(c.name for i, c in enumerate(modules) if i not in used)
         raise ValueError(f"transfer: torch modules {extra} have no Keras layer to pair with (Keras has fewer layers)")
-    for index, pair in enumerate(pairs):
+    for pair in pairs:
         if pair.kind == "bn":
             continue
         keras_bias = _keras_has_bias(pair.keras.layer)
         torch_bias = _torch_has_bias(pair.modules[-1][1])
         if keras_bias == torch_bias:
             continue
-        nxt = pairs[index + 1] if index + 1 < len(pairs) else None
-        if (
-            nxt is not None
-            and nxt.kind == "bn"
-            and pair.keras.activation == "linear"
-            and _feeds(pair.keras.layer, nxt.keras.layer)
-        ):
+        fed = [p for p in pairs if p.kind == "bn" and _feeds(pair.keras.layer, p.keras.layer)]
+        nxt = fed[0] if fed else None
+        if nxt is not None and pair.keras.activation == "linear":
             pair.fold_into_next = True
             nxt.folded_from = pair
             continue

@@ -95,6 +95,9 @@ def torch_calls(model: Any, x: Any, training: bool) -> list[TorchCall]:
         model.train(training)
         with torch.no_grad():
             out = model(x)
+    except Exception as error:  # the user's model: one line naming it, the cause chained
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"transfer: {label} failed on example_inputs: {type(error).__name__}: {first}") from error
     finally:
         for handle in handles:
             handle.remove()
