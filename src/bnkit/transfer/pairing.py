@@ -117,6 +117,7 @@ def pair_layers(keras_layers: list[KerasLayer], calls: list[TorchCall]) -> list[
         ValueError: kinds or counts differ, or a bias has nowhere to go (one line naming both layers).
 
     Example:
+        >>> import numpy as np
         >>> pair_layers([], [TorchCall("<output>", None, np.zeros(1), np.zeros(1))])
         []
     """

@@ -61,7 +61,7 @@ def torch_calls(model: Any, x: Any, training: bool) -> list[TorchCall]:
     """Run ``model`` on ``x`` in train or eval mode and record each weight module's input and output in order.
 
     The mode of every module is put back afterwards; a training run updates running statistics (see
-    :func:`snapshot_torch`).
+    :func:`snapshot_torch`). The last entry, named ``"<output>"``, holds the model's output.
 
     Raises:
         ValueError: a module with parameters the port does not know, or a weight module called twice.
@@ -70,7 +70,7 @@ def torch_calls(model: Any, x: Any, training: bool) -> list[TorchCall]:
         >>> import torch
         >>> m = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
         >>> [c.name for c in torch_calls(m, torch.ones(4, 3), training=False)]
-        ['0']
+        ['0', '<output>']
     """
     import torch
 
