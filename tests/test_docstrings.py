@@ -32,8 +32,9 @@ KNOWN_FAILING_EXAMPLES: dict[str, str] = {}
 def _module_names() -> list[str]:
     names = []
     for package in PACKAGES:
-        for path in sorted((SRC / package).glob("*.py")):
-            names.append(f"bnkit.{package}" if path.stem == "__init__" else f"bnkit.{package}.{path.stem}")
+        for path in sorted((SRC / package).rglob("*.py")):  # subpackages too (bnkit.tools.fuse)
+            parts = path.relative_to(SRC).with_suffix("").parts
+            names.append(".".join(("bnkit", *(parts[:-1] if parts[-1] == "__init__" else parts))))
     return names
 
 

@@ -21,12 +21,20 @@ __version__ = "0.1.0"
 # public name -> module that defines it (one concept per module; see docs/architecture.md)
 _EXPORTS: dict[str, str] = {
     "BatchNorm": "bnkit.layers.batchnorm",
+    "BatchNormAct": "bnkit.layers.batchnorm_act",
     "Renorm": "bnkit.layers.renorm",
     "is_batchnorm": "bnkit.layers.find",
     "named_batchnorms": "bnkit.layers.find",
+    "BatchNormInfo": "bnkit.layers.kinds",
+    "describe_batchnorm": "bnkit.layers.kinds",
+    "named_batchnorm_like": "bnkit.layers.kinds",
+    "register_batchnorm": "bnkit.layers.kinds",
+    "unregister_batchnorm": "bnkit.layers.kinds",
     "freeze": "bnkit.tools.freeze",
     "unfreeze": "bnkit.tools.freeze",
     "convert": "bnkit.tools.convert",
+    "convert_with_report": "bnkit.tools.convert",
+    "ConvertReport": "bnkit.tools.convert",
     "fuse": "bnkit.tools.fuse",
     "fuse_with_report": "bnkit.tools.fuse",
     "FuseReport": "bnkit.tools.fuse",
@@ -58,6 +66,12 @@ __getattr__, __dir__ = _lazy.lazy_exports(__name__, _EXPORTS, globals())
 
 if TYPE_CHECKING:  # static re-exports for type checkers and IDEs
     from bnkit.layers.batchnorm import BatchNorm as BatchNorm
+    from bnkit.layers.batchnorm_act import BatchNormAct as BatchNormAct
     from bnkit.layers.find import is_batchnorm as is_batchnorm
     from bnkit.layers.find import named_batchnorms as named_batchnorms
+    from bnkit.layers.kinds import BatchNormInfo as BatchNormInfo
+    from bnkit.layers.kinds import describe_batchnorm as describe_batchnorm
+    from bnkit.layers.kinds import named_batchnorm_like as named_batchnorm_like
+    from bnkit.layers.kinds import register_batchnorm as register_batchnorm
+    from bnkit.layers.kinds import unregister_batchnorm as unregister_batchnorm
     from bnkit.layers.renorm import Renorm as Renorm

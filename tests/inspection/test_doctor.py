@@ -117,6 +117,25 @@ def _skipped(quiet: bool) -> nn.Module:
     return model
 
 
+class _RunningStats(nn.Module):
+    """A module with running statistics bnkit does not recognise (a user's own BatchNorm, not registered)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(6))
+        self.register_buffer("running_var", torch.ones(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.running_mean) / self.running_var.sqrt()
+
+
+def _unrecognised(quiet: bool) -> nn.Module:
+    model = _mlp()
+    if not quiet:
+        model.append(_RunningStats())
+    return model
+
+
 # rule code -> (build(quiet) -> model, example_inputs or None, intent)
 CASES = {
     "BN001": (lambda quiet: _mlp(momentum=0.1 if quiet else 0.99), None, None),
@@ -131,6 +150,7 @@ CASES = {
     "BN010": (lambda quiet: CalledOnce() if quiet else CalledTwice(), torch.randn(16, 4), None),
     "BN011": (_eval_frozen, None, "fine-tune"),
     "BN012": (_skipped, None, None),
+    "BN013": (_unrecognised, None, None),
 }
 
 
@@ -290,3 +310,8 @@ def test_bad_arguments() -> None:
         bnkit.doctor(_mlp(), torch.randn(8, 5))
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         bnkit.doctor(None)  # type: ignore[arg-type]
+
+
+def test_a_model_without_batchnorm_is_not_passed_silently() -> None:
+    with pytest.warns(UserWarning, match="doctor: the model has no BatchNorm layer; nothing to check"):
+        assert bnkit.doctor(nn.Sequential(nn.Linear(2, 2))).codes() == []

@@ -168,7 +168,8 @@ def test_rows_for_every_kind_of_norm_layer_in_module_order() -> None:
 def test_model_that_is_a_layer_and_model_without_norms() -> None:
     table = bnkit.explain(nn.BatchNorm1d(5))
     assert len(table) == 1 and table[0].name == "" and "(model)" in str(table)
-    assert str(bnkit.explain(nn.Linear(2, 2))) == "no BatchNorm or other normalisation layer found"
+    with pytest.warns(UserWarning, match="explain: the model has no BatchNorm or other normalisation layer"):
+        assert str(bnkit.explain(nn.Linear(2, 2))) == "no BatchNorm or other normalisation layer found"
 
 
 def test_plain_data_json_and_table() -> None:
@@ -196,3 +197,37 @@ def test_explain_changes_nothing() -> None:
 def test_not_a_module() -> None:
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         bnkit.explain("model.pt")  # type: ignore[arg-type]
+
+
+def test_unrecognised_running_statistics_are_named() -> None:
+    class Stats(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("running_mean", torch.zeros(2))
+            self.register_buffer("running_var", torch.ones(2))
+
+    model = nn.Sequential(nn.BatchNorm1d(2), Stats())
+    with pytest.warns(UserWarning, match=r"explain: .*not recognise.*: 1"):
+        table = bnkit.explain(model)
+    assert [row.name for row in table] == ["0"] and table.unrecognised == ("1",)
+    assert str(table).endswith("not recognised (running statistics, unknown class; see bnkit.register_batchnorm): 1")
+
+
+def test_frozen_batchnorm_and_timm_activation_rows() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    timm_layers = pytest.importorskip("timm.layers")
+    model = nn.Sequential(torchvision.ops.FrozenBatchNorm2d(3), timm_layers.BatchNormAct2d(3, act_layer=nn.SiLU))
+    frozen, act = bnkit.explain(model)
+    assert (frozen.kind, frozen.affine, frozen.train.normalize, frozen.train.updates_running_stats) == (
+        "torchvision-frozen",
+        "fixed",
+        "running",
+        False,
+    )
+    assert frozen.channels == 3 and "never loaded" in frozen.reasons[-1]
+    assert (act.kind, act.after, act.train.normalize) == ("timm-bnact", ["SiLU"], "batch")
+    assert act.reasons[-1] == "then SiLU in the same module (BatchNormAct2d)"
+    assert LayerExplanation.from_dict(act.to_dict()) == act
+    # the claims hold: the frozen layer's output is the same in train() and eval()
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(model[0].train()(x), model[0].eval()(x), rtol=0, atol=0)

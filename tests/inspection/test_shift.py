@@ -161,3 +161,17 @@ def test_errors() -> None:
     assert model.training and not model[0]._forward_pre_hooks
     with pytest.raises(ValueError, match="num_batches"):
         bnkit.shift(model, [torch.randn(4, 2)], num_batches=0)
+
+
+def test_frozen_batchnorm_counts_like_a_torch_layer() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    frozen = torchvision.ops.FrozenBatchNorm2d(3)
+    torch_bn = nn.BatchNorm2d(3).eval()
+    for layer in (frozen, torch_bn):
+        layer.running_mean.copy_(torch.tensor([0.0, 1.0, -1.0]))
+        layer.running_var.copy_(torch.tensor([1.0, 2.0, 0.5]))
+    data = [torch.randn(4, 3, 6, 6) * 2 + 1 for _ in range(3)]
+    a, b = bnkit.shift(nn.Sequential(frozen), data), bnkit.shift(nn.Sequential(torch_bn), data)
+    assert [layer.name for layer in a.layers] == ["0"] and a.skipped == []
+    assert a.layers[0].distance == pytest.approx(b.layers[0].distance, rel=1e-12)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -142,3 +143,59 @@ def test_summary_changes_nothing() -> None:
 def test_json() -> None:
     data = json.loads(bnkit.summary(_acceptance_model()).to_json())
     assert data["total"] == 13_108_758 and data["rows"][1]["non_trainable"] == 64
+
+
+def test_saved_torchscript_file_counts_the_statistics(tmp_path) -> None:
+    path = tmp_path / "seed.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.x deprecates TorchScript
+        torch.jit.save(torch.jit.script(_acceptance_model()), str(path))
+        loaded = torch.jit.load(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # bnkit says nothing: a TorchScript model keeps no classes to recognise
+        s = bnkit.summary(loaded)
+    assert (s.total, s.trainable, s.non_trainable) == (13_108_758, 13_108_694, 64)
+    assert [r.type for r in s.rows] == ["Conv2d", "BatchNorm2d", "Flatten", "Linear", "Linear"]
+
+
+def test_frozen_batchnorm_counts_all_four_tensors_as_non_trainable() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), torchvision.ops.FrozenBatchNorm2d(8))
+    s = bnkit.summary(model)
+    assert (s.trainable, s.non_trainable, s.total) == (72, 32, 104)
+    assert (s.parameters, s.buffers) == (72, 32)
+    assert s.rows[1].type == "FrozenBatchNorm2d" and s.rows[1].non_trainable == 32
+
+
+def test_example_inputs_follow_the_one_convention() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4))
+    by_size = bnkit.summary(model, input_size=(1, 8, 8))
+    by_example = bnkit.summary(model, example_inputs=torch.randn(3, 1, 8, 8))
+    assert [r.output_shape for r in by_example.rows] == [r.output_shape for r in by_size.rows]
+
+    class TakesAList(nn.Module):  # a detector's convention: one positional list of images
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(1)
+
+        def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([self.bn(image[None])[0] for image in images])
+
+    s = bnkit.summary(TakesAList(), example_inputs=[torch.randn(1, 5, 5), torch.randn(1, 5, 5)])
+    assert s.rows[-1].output_shape == [-1, 1, 5, 5]
+    with pytest.raises(ValueError, match="give input_size or example_inputs, not both"):
+        bnkit.summary(model, (1, 8, 8), example_inputs=torch.randn(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="example_inputs do not fit the model"):
+        bnkit.summary(model, example_inputs=torch.randn(3, 2, 8, 8))
+
+
+def test_unrecognised_running_statistics_warn() -> None:
+    class Stats(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("running_mean", torch.zeros(2))
+            self.register_buffer("running_var", torch.ones(2))
+
+    with pytest.warns(UserWarning, match=r"summary: 0 hold running statistics but bnkit does not recognise"):
+        s = bnkit.summary(nn.Sequential(Stats()))
+    assert s.non_trainable == 4

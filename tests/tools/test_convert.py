@@ -122,14 +122,14 @@ def test_syncbn_to_bn_on_cpu_without_process_group(mode: str) -> None:
     assert_models_equal(reference, back)
 
 
-def test_torch_needs_a_known_rank_for_syncbn() -> None:
+def test_torch_reads_the_rank_of_a_syncbn_from_its_neighbours_or_from_dim() -> None:
     model = nn.Sequential(nn.Linear(2, 3), nn.SyncBatchNorm(3))
-    with pytest.raises(ValueError, match=r"layer '1'.*pass dim=1\|2\|3"):
-        convert(model, "torch")
+    assert type(convert(model, "torch")[1]) is nn.BatchNorm1d  # from the Linear before it
     assert type(convert(model, "torch", example_inputs=torch.randn(4, 2))[1]) is nn.BatchNorm1d
+    assert type(convert(model, "torch", dim=3)[1]) is nn.BatchNorm3d  # dim wins
     with pytest.raises(ValueError, match="dim must be 1, 2, 3"):
         convert(model, "torch", dim=4)
-    with pytest.raises(ValueError, match=r"dim\['1'\] must be 1, 2 or 3"):
+    with pytest.raises(ValueError, match=r"dim\['1'\] must be 1, 2, 3"):
         convert(model, "torch", dim={"1": 0})
 
 
@@ -163,29 +163,6 @@ def test_sync_and_bnkit_sync_targets() -> None:
         torch.testing.assert_close(both[0](x), model[0](x))
     plain = convert(both, "torch", dim=2, layers="0")
     assert type(plain[0]) is nn.BatchNorm2d  # sync is dropped without complaint by "torch"
-
-
-class BatchNormAct2d(nn.BatchNorm2d):
-    """timm-style subclass with a fused activation: converters must not drop it silently (timm#1254)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__(channels)
-        self.act = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(super().forward(x))
-
-
-@pytest.mark.parametrize("to", ["bnkit", "sync", "torch-sync", "torch", "group"])
-@pytest.mark.parametrize("inplace", [False, True])
-def test_subclass_with_extra_behaviour_is_refused_and_model_untouched(to, inplace, snapshot, same) -> None:
-    model = nn.Sequential(nn.BatchNorm2d(4), nn.Sequential(BatchNormAct2d(4)))
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"layer '1\.0' is a BatchNormAct2d, a subclass of BatchNorm2d"):
-        convert(model, to, inplace=inplace, **({"dim": 2} if to == "torch" else {}))
-    same(before, snapshot(model))
-    converted = convert(model, "torch-sync", layers="0", inplace=inplace)
-    assert type(converted[1][0]) is BatchNormAct2d and type(converted[0]) is nn.SyncBatchNorm
 
 
 def test_group_conversion_groups_and_affine() -> None:
@@ -274,7 +251,8 @@ def test_foreign_hooks_are_reported() -> None:
 def test_bad_arguments(snapshot, same) -> None:
     model = nn.Sequential(nn.BatchNorm1d(3))
     before = snapshot(model)
-    with pytest.raises(ValueError, match="to must be one of bnkit, sync, bnkit-sync, torch, torch-sync, group"):
+    targets = "bnkit, sync, bnkit-sync, torch, torch-sync, group, frozen, trainable"
+    with pytest.raises(ValueError, match=f"to must be one of {targets}; got 'layernorm'"):
         convert(model, "layernorm")
     with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module"):
         convert([model], "bnkit")

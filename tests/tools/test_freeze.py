@@ -290,4 +290,47 @@ def test_bad_inputs_leave_the_model_untouched(snapshot, same) -> None:
     with pytest.raises(TypeError, match="layers must be"):
         unfreeze(model, layers=3)
     same(before, snapshot(model))
-    assert freeze(nn.Linear(2, 2)).changed == ()  # no BatchNorm: nothing to do, not an error
+    with pytest.warns(UserWarning, match="freeze: the model has no BatchNorm layer bnkit recognises; nothing to do"):
+        assert freeze(nn.Linear(2, 2)).changed == ()  # no BatchNorm: nothing to do, not an error, but said
+
+
+def test_freeze_timm_batchnorm_act_keeps_its_activation() -> None:
+    timm_layers = pytest.importorskip("timm.layers")
+    layer = timm_layers.BatchNormAct2d(4, act_layer=nn.SiLU)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), layer)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 6, 6)
+    expected = model.eval()(x)  # timm's own inference arithmetic, activation included
+    assert freeze(model).changed == ("1",)
+    state = copy.deepcopy(model.state_dict())
+    out = model.train()(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert is_frozen_stats(layer) and not layer.weight.requires_grad
+    assert unfreeze(model).changed == ("1",)
+    model.train()(x)
+    assert not torch.equal(layer.running_mean, state["1.running_mean"])  # statistics move again
+
+
+def test_frozen_batchnorm_classes_are_skipped_with_the_reason() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    model = nn.Sequential(nn.BatchNorm2d(2), torchvision.ops.FrozenBatchNorm2d(2))
+    report = freeze(model)
+    assert report.changed == ("0",)
+    assert list(report.skipped) == ["1"] and "FrozenBatchNorm2d fixes its statistics" in report.skipped["1"]
+    assert is_frozen_stats(model[1])
+    report = unfreeze(model)
+    assert report.changed == ("0",) and "rebuild it as a trainable BatchNorm" in report.skipped["1"]
+
+
+def test_unrecognised_running_statistics_are_named() -> None:
+    class Stats(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("running_mean", torch.zeros(2))
+            self.register_buffer("running_var", torch.ones(2))
+
+    with pytest.warns(UserWarning, match=r"no BatchNorm layer bnkit recognises; .*not recognised.*: 0"):
+        assert freeze(nn.Sequential(Stats())).changed == ()

@@ -20,8 +20,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 import bnkit
 from bnkit.core.fold import fold_after_conv, fold_after_linear, fold_before_conv, fold_before_linear
-from bnkit.tools import fuse as fuse_module
 from bnkit.tools.fuse import FuseReport, fuse, fuse_with_report
+from bnkit.tools.fuse.trace import Tracer
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -74,8 +74,10 @@ def assert_folds(
 
 
 def assert_folds_nothing(model: nn.Module, x: torch.Tensor, bn: str, reason: str) -> None:
-    """Fuse on ``x``: nothing folds, ``bn`` is skipped for a reason containing ``reason``, the output is unchanged."""
-    fused, report = fuse_with_report(model, x)
+    """Fuse on ``x``: nothing folds (a warning says so), ``bn`` is skipped for a reason containing ``reason``, the
+    output is unchanged."""
+    with pytest.warns(UserWarning, match="could be folded"):
+        fused, report = fuse_with_report(model, x)
     assert report.folded == [] and reason in skipped(report)[bn]
     assert_matches(fused, model, x)
 
@@ -431,7 +433,7 @@ def test_module_patterns_are_used_when_tracing_fails(monkeypatch: pytest.MonkeyP
     def broken(self, root, concrete_args=None):
         raise RuntimeError("tracing unavailable")
 
-    monkeypatch.setattr(fuse_module._Tracer, "trace", broken)
+    monkeypatch.setattr(Tracer, "trace", broken)
     model = randomize(
         nn.Sequential(
             nn.Conv2d(3, 4, 3),
@@ -447,6 +449,30 @@ def test_module_patterns_are_used_when_tracing_fails(monkeypatch: pytest.MonkeyP
     x = torch.randn(2, 3, 6, 6)
     _, report = assert_folds(model, x, {"1": ("0", "after"), "3": ("4", "before"), "5": ("4", "after")})
     assert "zero padding" in skipped(report)["6"]
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.fc, self.fc_bn = nn.Linear(5, 4), nn.BatchNorm1d(4)
+
+    def forward(self, image: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(image)).mean(dim=(2, 3)) + self.fc_bn(self.fc(vector))
+
+
+@pytest.mark.parametrize("convention", ["tuple", "mapping", "callable"])
+def test_example_inputs_follow_the_one_calling_convention(convention: str):
+    model = randomize(TwoInputs())
+    image, vector = torch.randn(2, 3, 6, 6), torch.randn(2, 5)
+    example = {
+        "tuple": (image, vector),
+        "mapping": {"image": image, "vector": vector},
+        "callable": lambda m: m(image, vector=vector),
+    }[convention]
+    fused, report = fuse_with_report(model, example)
+    assert folded(report) == {"bn": ("conv", "after"), "fc_bn": ("fc", "after")} and report.compared == 8
+    assert_matches(fused, model, image, vector)
 
 
 def test_example_inputs_are_not_changed_by_an_in_place_first_layer():
@@ -468,6 +494,72 @@ def test_check_failure_raises_one_line_and_leaves_the_model_untouched():
         assert "\n" not in str(info.value)
         assert bn_count(model) == 9 and model.training
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+class NoDetections(nn.Module):
+    """Keeps only the rows whose score passes a threshold none reaches: an empty output, like a detector with no
+    detections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        scores = self.bn(self.conv(x)).mean(dim=(2, 3))
+        keep = scores.amax(dim=1) > 1e6
+        return {"scores": scores[keep], "labels": scores.argmax(dim=1)[keep]}
+
+
+def test_check_that_compared_nothing_fails_in_one_line_and_leaves_the_model_untouched(snapshot, same):
+    model = randomize(NoDetections())
+    before = snapshot(model)
+    x = torch.randn(2, 3, 8, 8)
+    for inplace in (False, True):
+        with pytest.raises(
+            ValueError, match=r"check compared nothing: NoDetections returned 2 tensors, all empty"
+        ) as info:
+            fuse(model, x, inplace=inplace)
+        assert "\n" not in str(info.value) and "produces output" in str(info.value)
+        same(before, snapshot(model))
+    _, report = fuse_with_report(model, x, check=False)  # unchecked, it folds
+    assert folded(report) == {"bn": ("conv", "after")} and not report.checked and report.compared is None
+
+
+def test_compared_values_are_counted_and_reported():
+    model = resnet_style()
+    _, report = fuse_with_report(model, torch.randn(2, 3, 16, 16))
+    assert report.compared == 2 * 5 and "over 10 output values" in str(report)
+
+
+class RunningStatsNorm(nn.Module):
+    """A normalisation layer of its own with running statistics, that bnkit cannot know."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.running_mean[:, None, None]) / (self.running_var[:, None, None] + 1e-3).sqrt() * 2
+
+
+def test_unrecognised_modules_with_running_statistics_are_named_in_a_warning_and_the_report():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), RunningStatsNorm(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning, match=r"fuse: modules with running statistics .* left out: 1; teach bnkit"):
+        fused, report = fuse_with_report(model, x)
+    assert report.unrecognised == ["1"] and folded(report) == {"3": ("2", "after")}
+    assert "unrecognised: 1 module(s)" in str(report) and report.to_dict()["unrecognised"] == ["1"]
+    assert_matches(fused, model, x)
+
+    only_foreign = nn.Sequential(nn.Conv2d(3, 4, 3), RunningStatsNorm(4))
+    with pytest.warns(UserWarning) as caught:
+        fuse(only_foreign, x)
+    messages = [str(w.message) for w in caught]
+    assert any("left out: 1;" in m for m in messages) and any("has no BatchNorm layer bnkit" in m for m in messages)
+    with pytest.warns(UserWarning, match=r"Sequential has no BatchNorm layer bnkit recognises; nothing was folded$"):
+        fuse(nn.Sequential(nn.Conv2d(3, 4, 3)), x)
 
 
 def test_inplace_folds_into_the_model_itself():

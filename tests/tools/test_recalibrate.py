@@ -3,9 +3,11 @@ sequential mode, exact restoration on success and on any exception, distributed 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +18,14 @@ from torch import nn
 import bnkit
 from bnkit.tools.freeze import freeze, is_frozen_affine, is_frozen_stats
 from bnkit.tools.recalibrate import RecalibrationReport, recalibrate
+
+
+@contextlib.contextmanager
+def _no_warning() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
 
 SPLITS = [[64, 64, 64, 13], [1, 100, 7, 50, 47], [205]]
 
@@ -424,3 +434,53 @@ def test_distributed_statistics_are_merged_across_ranks() -> None:
         assert_rel(result["state"]["0.running_var"], var)
     for key in results[0]["state"]:
         assert torch.equal(results[0]["state"][key], results[1]["state"][key]), key
+
+
+def test_include_frozen_recalibrates_frozen_batchnorm_exactly() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    frozen = torchvision.ops.FrozenBatchNorm2d(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), frozen, nn.ReLU(), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    batches = [torch.randn(4, 2, 6, 6) * 2 + 1, torch.randn(3, 2, 6, 6)]
+    with _no_warning():
+        report = recalibrate(model, batches, progress=False)
+    assert list(report.counts) == ["4"]
+    assert "pass include_frozen=True" in report.skipped["1"]
+    assert torch.equal(frozen.running_mean, torch.zeros(3))  # left as it was
+    # reference: the conv outputs over all batches, float64 (the frozen layer is the first BN: its input does not
+    # depend on how BatchNorm layers normalise)
+    with torch.no_grad():
+        conv = torch.cat([model[0](b) for b in batches]).double().transpose(0, 1).reshape(3, -1)
+    report = recalibrate(model, batches, progress=False, include_frozen=True)
+    assert report.counts == {"1": conv.shape[1], "4": report.counts["4"]}
+    torch.testing.assert_close(frozen.running_mean.double(), conv.mean(1), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(frozen.running_var.double(), conv.var(1), rtol=1e-6, atol=1e-7)
+
+
+def test_only_frozen_layers_raise_with_the_hint() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    model = nn.Sequential(torchvision.ops.FrozenBatchNorm2d(3))
+    before = model[0].running_var.clone()
+    with pytest.raises(ValueError, match=r"1 with statistics fixed by class, e\.g\. 0: pass include_frozen=True"):
+        recalibrate(model, [torch.randn(2, 3, 4, 4)], progress=False)
+    with pytest.raises(ValueError, match="no selected BatchNorm layer"):
+        recalibrate(model, [torch.randn(2, 3, 4, 4)], progress=False, include_frozen=True, method="ema")
+    assert torch.equal(model[0].running_var, before)
+    with pytest.raises(TypeError, match="include_frozen must be True or False"):
+        recalibrate(model, [torch.randn(2, 3, 4, 4)], include_frozen="yes")
+
+
+def test_unrecognised_modules_with_running_statistics_are_reported() -> None:
+    class Stats(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("running_mean", torch.zeros(2))
+            self.register_buffer("running_var", torch.ones(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x - self.running_mean
+
+    model = nn.Sequential(nn.BatchNorm1d(2), Stats())
+    with pytest.warns(UserWarning, match=r"recalibrate: .*not recognise.*: 1"):
+        report = recalibrate(model, [torch.randn(4, 2)], progress=False)
+    assert list(report.counts) == ["0"] and "does not recognise" in report.skipped["1"]

@@ -15,8 +15,21 @@ import torch
 from torch import nn
 
 from bnkit.layers.find import is_batch_independent_norm
+from bnkit.layers.kinds import BatchNormInfo, describe_batchnorm
 from bnkit.tools.freeze import is_frozen_stats
 from bnkit.tools.model_edit import has_running_buffers, is_bnkit_batchnorm
+
+
+def fixed_by_class(module: nn.Module) -> BatchNormInfo | None:
+    """The description of a layer whose class fixes its statistics (FrozenBatchNorm2d and friends, a registered
+    ``frozen=True`` class), else None.
+
+    Example:
+        >>> fixed_by_class(nn.BatchNorm2d(2)) is None
+        True
+    """
+    info = describe_batchnorm(module)
+    return info if info is not None and info.fixed else None
 
 
 def frozen_by_bnkit(module: nn.Module) -> tuple[bool, bool]:
@@ -31,6 +44,8 @@ def frozen_by_bnkit(module: nn.Module) -> tuple[bool, bool]:
     """
     if is_bnkit_batchnorm(module):
         return bool(module.freeze_stats), bool(module.freeze_affine)
+    if fixed_by_class(module) is not None:
+        return False, False
     return bool(is_frozen_stats(module)), False
 
 
@@ -76,6 +91,9 @@ def has_running_stats(module: nn.Module) -> bool:
         >>> has_running_stats(nn.BatchNorm1d(2)), has_running_stats(nn.BatchNorm1d(2, track_running_stats=False))
         (True, False)
     """
+    info = describe_batchnorm(module)
+    if info is not None and not hasattr(module, "track_running_stats"):
+        return info.has_running_stats  # frozen and registered kinds: the buffers are the statistics
     tracked = bool(getattr(module, "track_running_stats", False))
     return tracked and getattr(module, "running_mean", None) is not None
 
@@ -87,7 +105,11 @@ def never_updated(module: nn.Module) -> bool:
         >>> never_updated(nn.BatchNorm1d(2)), never_updated(nn.BatchNorm1d(2, track_running_stats=False))
         (True, False)
     """
+    info = describe_batchnorm(module)
     count = getattr(module, "num_batches_tracked", None)
+    if info is not None and info.num_batches_tracked is None and info.frozen and info.has_running_stats:
+        # frozen kinds keep no counter: statistics at exactly 0/1 were never loaded
+        return bool(torch.all(info.running_mean == 0)) and bool(torch.all(info.running_var == 1))
     if not isinstance(count, torch.Tensor) or int(count) != 0:
         return False
     return bool(torch.all(module.running_mean == 0)) and bool(torch.all(module.running_var == 1))
@@ -129,6 +151,8 @@ def mode_in(module: nn.Module, training: bool) -> Mode:
             bool(module.updates_running_stats(training)),
             synced,
         )
+    if fixed_by_class(module) is not None:
+        return Mode("running", False)
     # PyTorch's rule: training uses the batch and updates only while tracking; eval uses the running buffers
     # whenever they exist, even with track_running_stats switched off after construction.
     stats_frozen, _ = frozen_by_bnkit(module)
@@ -162,6 +186,9 @@ def num_channels(module: nn.Module) -> int | None:
         value = getattr(module, attr, None)
         if isinstance(value, int) and value > 0:
             return value
+    info = describe_batchnorm(module)
+    if info is not None and info.num_features > 0:
+        return info.num_features
     shape = getattr(module, "normalized_shape", None)
     if shape:
         return int(math.prod(shape))
@@ -178,6 +205,9 @@ def layer_type(module: nn.Module) -> str:
     cls = type(module)
     if cls.__module__.startswith("bnkit."):
         return f"bnkit.{cls.__name__}"
+    original = getattr(module, "original_name", None)  # a TorchScript module keeps its class name here
+    if isinstance(module, torch.jit.ScriptModule) and isinstance(original, str):
+        return original
     return cls.__name__
 
 

@@ -18,7 +18,12 @@ BN009     error     running variance non-finite or negative (warning: channels w
 BN010     warning   one BN module called more than once per forward pass (error for synchronised BN)
 BN011     warning   a BN put in eval() to freeze it, in a model that will train: model.train() undoes it
 BN012     warning   batches with non-finite statistics were skipped (bnkit's ``skipped_batches`` counter > 0)
+BN013     warning   a module holds running statistics but bnkit does not recognise its class
 ========  ========  =================================================================================
+
+Every BatchNorm kind bnkit recognises is examined (:func:`bnkit.named_batchnorm_like`): ``torch.nn`` and
+``bnkit`` layers, timm's BatchNormAct2d, and layers whose class fixes the statistics (FrozenBatchNorm2d, ...),
+which are never in training mode and have no momentum.
 
 Rules BN006 and BN010 need ``example_inputs`` (the model runs once on them in eval mode, without gradients, and
 every training flag is restored); BN007 uses the same run when available, else a torch.fx trace, else the order of
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,13 +46,14 @@ from torch import nn
 
 from bnkit.inspection._common import (
     channel_axis,
+    fixed_by_class,
     frozen_by_bnkit,
     has_running_stats,
     is_synchronized,
     mode_in,
     never_updated,
 )
-from bnkit.layers.find import named_batchnorms
+from bnkit.layers.kinds import named_batchnorm_like, unrecognised_running_stats
 from bnkit.shared.diagnosis import MIN_BATCH, SEVERITIES, Diagnosis, Finding
 from bnkit.shared.errors import first_line
 from bnkit.tools.model_edit import affine_params, check_model
@@ -215,7 +222,11 @@ def check_mixed_momentum(ctx: Context) -> list[Finding]:
         >>> [f.layer for f in check_mixed_momentum(_ctx(model))]
         ['2']
     """
-    layers = [(name, module) for name, module in ctx.batchnorms if has_running_stats(module)]
+    layers = [
+        (name, module)
+        for name, module in ctx.batchnorms
+        if has_running_stats(module) and fixed_by_class(module) is None  # fixed statistics have no momentum
+    ]
     hint = "Keras's default 0.99 is 0.01 in PyTorch's convention, whose default is 0.1"
     return _mixed(layers, "BN003", "momentum", _momentum, hint)
 
@@ -426,6 +437,19 @@ def check_never_updated_stats(ctx: Context) -> list[Finding]:
             continue
         if not never_updated(module):
             continue
+        if fixed_by_class(module) is not None:
+            findings.append(
+                Finding(
+                    "BN008",
+                    "error",
+                    name,
+                    f"{type(module).__name__} holds mean 0 and variance 1 in every channel: its statistics were "
+                    "never loaded, yet it always normalises with them",
+                    "load the pretrained checkpoint into the model, or compute the statistics with "
+                    "bnkit.recalibrate(model, data, include_frozen=True)",
+                )
+            )
+            continue
         findings.append(
             Finding(
                 "BN008",
@@ -578,6 +602,33 @@ def check_skipped_batches(ctx: Context) -> list[Finding]:
     return findings
 
 
+def check_unrecognised(ctx: Context) -> list[Finding]:
+    """BN013: a module holds ``running_mean`` and ``running_var`` but bnkit does not recognise its class.
+
+    Such a layer is probably a BatchNorm that every bnkit tool leaves out; teach bnkit its class.
+
+    Example:
+        >>> class Odd(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.register_buffer("running_mean", torch.zeros(2))
+        ...         self.register_buffer("running_var", torch.ones(2))
+        >>> [(f.code, f.layer) for f in check_unrecognised(_ctx(nn.Sequential(Odd())))]
+        [('BN013', '0')]
+    """
+    return [
+        Finding(
+            "BN013",
+            "warning",
+            name,
+            f"{type(module).__name__} holds running statistics (running_mean, running_var) but bnkit does not "
+            "recognise the class, so no bnkit tool examines or changes it",
+            f"teach bnkit the layer: bnkit.register_batchnorm({type(module).__name__}, ...) (see docs/tools.md)",
+        )
+        for name, module in unrecognised_running_stats(ctx.model)
+    ]
+
+
 #: Every rule, in code order.
 RULES: tuple[Rule, ...] = (
     check_keras_momentum,
@@ -592,6 +643,7 @@ RULES: tuple[Rule, ...] = (
     check_called_more_than_once,
     check_eval_not_frozen,
     check_skipped_batches,
+    check_unrecognised,
 )
 
 
@@ -606,8 +658,10 @@ def doctor(model: nn.Module, example_inputs: Any = None, *, intent: str | None =
     Args:
         model: Any module. It is not changed: with ``example_inputs`` it runs once in eval mode without gradients
             and every module's training flag is restored (running statistics cannot move in eval mode).
-        example_inputs: Optional per-device example batch: a tensor, a tuple of positional tensors or a dict of
-            keyword tensors. Enables the batch-size and call-count rules.
+        example_inputs: Optional per-device example inputs in bnkit's one convention (docs/tools.md, "Example
+            inputs"): a tensor or a list is ONE positional argument (a detector's ``[image, ...]``), a tuple
+            positional arguments, a dict keyword arguments, a callable ``forward(model)``. Enables the batch-size
+            and call-count rules.
         intent: ``"inference"``, ``"training"``, ``"fine-tune"`` or None (the model's ``training`` flag decides).
 
     Returns:
@@ -624,7 +678,9 @@ def doctor(model: nn.Module, example_inputs: Any = None, *, intent: str | None =
     check_model(model, "doctor")
     if intent not in _INTENTS:
         raise ValueError(f"intent must be one of 'inference', 'training', 'fine-tune' or None, got {intent!r}")
-    batchnorms = named_batchnorms(model)
+    batchnorms = _batchnorms(model)
+    if not batchnorms and not unrecognised_running_stats(model):
+        warnings.warn("doctor: the model has no BatchNorm layer; nothing to check", UserWarning, stacklevel=2)
     trace = _trace(model, example_inputs, batchnorms) if example_inputs is not None else None
     ctx = Context(model=model, batchnorms=batchnorms, intent=intent, trace=trace)
     findings = Diagnosis()
@@ -675,7 +731,11 @@ def _trace(model: nn.Module, example_inputs: Any, batchnorms: list[tuple[str, nn
 
 def _ctx(model: nn.Module, intent: str | None = None) -> Context:
     """A context without example run (used by the rule docstring examples)."""
-    return Context(model, named_batchnorms(model), intent, None)
+    return Context(model, _batchnorms(model), intent, None)
+
+
+def _batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, info.module) for name, info in named_batchnorm_like(model)]
 
 
 def describe_rules() -> list[dict[str, str]]:

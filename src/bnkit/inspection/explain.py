@@ -7,6 +7,7 @@ them), never from running the model. Nothing is changed.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from bnkit.inspection._common import (
     Mode,
+    fixed_by_class,
     frozen_by_bnkit,
     has_running_stats,
     is_synchronized,
@@ -24,6 +26,7 @@ from bnkit.inspection._common import (
     num_channels,
 )
 from bnkit.layers.find import named_norms
+from bnkit.layers.kinds import describe_batchnorm, warn_unrecognised
 from bnkit.shared.table import RowList
 from bnkit.tools.model_edit import affine_params, check_model, is_bnkit_batchnorm
 
@@ -42,8 +45,12 @@ class LayerExplanation:
         now: ``"train"`` or ``"eval"``: the layer's own ``training`` flag at the time of the call.
         train: What it does after ``model.train()``.
         eval: What it does after ``model.eval()``.
-        affine: ``"learn"``, ``"frozen"``, ``"weight frozen"``, ``"bias frozen"`` or ``"none"`` (gamma/beta).
+        affine: ``"learn"``, ``"frozen"``, ``"weight frozen"``, ``"bias frozen"``, ``"fixed"`` (buffers, as in
+            FrozenBatchNorm2d) or ``"none"`` (gamma/beta).
         reasons: Why, in words, one short sentence each.
+        kind: The BatchNorm kind (:data:`bnkit.layers.kinds.KINDS`), or None for batch-independent norms.
+        after: What the layer applies after normalising, in order (timm's ``drop`` and ``act``), e.g.
+            ``["SiLU"]``; empty for plain BatchNorm.
 
     Example:
         >>> row = explain(nn.Sequential(nn.BatchNorm1d(3)))[0]
@@ -60,6 +67,8 @@ class LayerExplanation:
     eval: Mode
     affine: str
     reasons: list[str] = field(default_factory=list)
+    kind: str | None = None
+    after: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-ready).
@@ -95,6 +104,17 @@ class Explanation(RowList):
 
     columns = ("layer", "type", "ch", "now", "in train()", "in eval()", "gamma/beta", "why")
     empty = "no BatchNorm or other normalisation layer found"
+    #: Modules that hold running statistics but that bnkit does not recognise (left out of the rows).
+    unrecognised: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.unrecognised:
+            text += (
+                f"\nnot recognised (running statistics, unknown class; see bnkit.register_batchnorm): "
+                f"{', '.join(self.unrecognised)}"
+            )
+        return text
 
     def rows(self) -> list[list[Any]]:
         """Table rows matching :attr:`columns` (one reason per line in the last cell).
@@ -121,8 +141,12 @@ class Explanation(RowList):
 def explain(model: nn.Module) -> Explanation:
     """Explain, layer by layer, what every BatchNorm (and batch-independent norm) does in train() and eval().
 
-    One row per layer: torch ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``, ``bnkit.BatchNorm``, and GroupNorm,
-    LayerNorm, InstanceNorm rows marked batch-independent. For each model mode: whether the layer normalises with
+    One row per layer: every BatchNorm kind bnkit recognises (torch ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``,
+    ``bnkit.BatchNorm``, torchvision's and timm's ``FrozenBatchNorm2d``, timm's ``BatchNormAct2d`` with the
+    activation it applies, look-alikes and classes taught with :func:`bnkit.register_batchnorm`), and GroupNorm,
+    LayerNorm, InstanceNorm rows marked batch-independent. Modules that hold running statistics but that bnkit
+    does not recognise are named in a warning and in ``Explanation.unrecognised``.
+    For each model mode: whether the layer normalises with
     batch or running statistics and whether it updates the running statistics; whether gamma/beta learn; and the
     reasons in words (``"freeze_stats is set"``, ``"track_running_stats=False"``, ``"requires_grad is False on
     weight but statistics still update in train()"``, a torch layer frozen by ``bnkit.freeze``, a layer put in
@@ -142,7 +166,11 @@ def explain(model: nn.Module) -> Explanation:
         requires_grad is False on weight but statistics still update in train(); bnkit.freeze(model) freezes both
     """
     check_model(model, "explain")
-    return Explanation(_explain_layer(name, module) for name, module in named_norms(model))
+    result = Explanation(_explain_layer(name, module) for name, module in named_norms(model))
+    result.unrecognised = warn_unrecognised(model, "explain")
+    if not result and not result.unrecognised:
+        warnings.warn("explain: the model has no BatchNorm or other normalisation layer", UserWarning, stacklevel=2)
+    return result
 
 
 def _explain_layer(name: str, module: nn.Module) -> LayerExplanation:
@@ -159,8 +187,34 @@ def _explain_layer(name: str, module: nn.Module) -> LayerExplanation:
         affine=_affine_state(module),
         reasons=[],
     )
-    row.reasons = _reasons(module, row) if batch_dependent else _independent_reasons(module)
+    info = describe_batchnorm(module)
+    if info is not None:
+        row.kind = info.kind
+        row.after = [type(m).__name__ for m in info.after]
+    if not batch_dependent:
+        row.reasons = _independent_reasons(module)
+    elif info is not None and info.fixed:
+        row.reasons = _fixed_reasons(module, row)
+    else:
+        row.reasons = _reasons(module, row)
+        if row.after:
+            row.reasons.append(f"then {' -> '.join(row.after)} in the same module ({type(module).__name__})")
     return row
+
+
+def _fixed_reasons(module: nn.Module, row: LayerExplanation) -> list[str]:
+    """Why a layer whose class fixes its statistics (FrozenBatchNorm2d, ...) never changes."""
+    name = type(module).__name__
+    what = "statistics and gamma/beta are buffers" if row.affine == "fixed" else "statistics are fixed"
+    reasons = [
+        f"{name}: {what}, running statistics in train() and eval(), never updated; "
+        "bnkit.recalibrate(model, data, include_frozen=True) recomputes them (AdaBN)"
+    ]
+    if never_updated(module):
+        reasons.append("running statistics never loaded (still mean 0, variance 1)")
+    if row.after:
+        reasons.append(f"then {' -> '.join(row.after)} in the same module")
+    return reasons
 
 
 def _frozen_affine(module: nn.Module) -> tuple[int, list[str]]:
@@ -170,6 +224,9 @@ def _frozen_affine(module: nn.Module) -> tuple[int, list[str]]:
 
 
 def _affine_state(module: nn.Module) -> str:
+    info = fixed_by_class(module)
+    if info is not None and info.affine_is_buffer:
+        return "fixed"
     count, frozen = _frozen_affine(module)
     if not count:
         return "none"

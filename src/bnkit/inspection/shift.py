@@ -59,7 +59,7 @@ from torch import nn
 from bnkit.core.divergence import gaussian_symmetric_kl
 from bnkit.core.moments import Moments, channel_moments, merge_moments, reduction_dims
 from bnkit.inspection._common import channel_axis, has_running_stats, limited
-from bnkit.layers.find import named_batchnorms
+from bnkit.layers.kinds import named_batchnorm_like, warn_unrecognised
 from bnkit.shared.errors import first_line
 from bnkit.shared.table import text_table
 from bnkit.tools.model_edit import check_model
@@ -229,6 +229,9 @@ def shift(
 ) -> ShiftReport:
     """Score the domain shift between ``data`` and the running statistics of every BN layer of ``model``.
 
+    Every BatchNorm kind with running statistics counts, FrozenBatchNorm2d included (a detector's frozen
+    backbone: is it worth ``bnkit.recalibrate(model, data, include_frozen=True)``?).
+
     The model runs on ``data`` in eval mode without gradients (running statistics cannot change); every module's
     training flag is restored and every hook removed afterwards, also on error. See the module docstring for the
     distance, the score and the thresholds of the recommendation.
@@ -238,7 +241,8 @@ def shift(
         data: Any iterable of batches: tensors, ``(inputs, labels, ...)`` tuples (inputs used) or dicts of
             keyword arguments; e.g. a ``DataLoader``.
         num_batches: Use at most this many batches (all when None).
-        forward: Optional ``forward(model, batch)`` for models not called as ``model(inputs)``.
+        forward: Optional ``forward(model, batch)`` for models not called as above; a detector's batch of
+            images is one list: ``forward=lambda model, images: model(images)`` (docs/tools.md, "Example inputs").
 
     Returns:
         A :class:`ShiftReport` with per-layer distances, ``score``, ``recommendation`` and ``reason``.
@@ -259,13 +263,16 @@ def shift(
     """
     check_model(model, "shift")
     run = forward if forward is not None else functools.partial(call_on_batch, tool="shift")
-    layers = named_batchnorms(model)
+    layers = [(name, info.module) for name, info in named_batchnorm_like(model)]
     tracked = [(name, module) for name, module in layers if has_running_stats(module)]
     skipped = [f"{name} (track_running_stats=False)" for name, module in layers if not has_running_stats(module)]
+    unrecognised = warn_unrecognised(model, "shift")
+    skipped += [f"{name} (running statistics, but bnkit does not recognise the class)" for name in unrecognised]
     if not tracked:
+        also = f"; not recognised: {', '.join(unrecognised)} (bnkit.register_batchnorm)" if unrecognised else ""
         raise ValueError(
             "shift needs BatchNorm layers with running statistics; this model has none "
-            "(no BatchNorm, or all track_running_stats=False)"
+            f"(no BatchNorm, or all track_running_stats=False){also}"
         )
     acc: dict[int, Moments] = {}
 

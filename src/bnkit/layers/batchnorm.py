@@ -174,6 +174,8 @@ class BatchNorm(nn.Module):
         self.freeze_stats = False
         self._freeze_affine = False
         self._seen_dim = 0  # rank of the last input, so to_torch() can pick BatchNorm1d/2d/3d
+        # 1, 2 or 3: the torch.nn.BatchNorm{1,2,3}d that from_torch() copied, so to_torch() gives the same class back
+        self.torch_dim: int | None = None
         if affine:
             self.weight: nn.Parameter | None = nn.Parameter(torch.empty(num_features, **factory))
             self.bias: nn.Parameter | None = nn.Parameter(torch.empty(num_features, **factory))
@@ -819,12 +821,16 @@ class BatchNorm(nn.Module):
     def from_torch(cls, module: nn.Module) -> BatchNorm:
         """An exact bnkit copy of a ``torch.nn`` BatchNorm1d/2d/3d or SyncBatchNorm (state, mode, grads).
 
-        SyncBatchNorm becomes ``sync=True`` with the same process group.
+        SyncBatchNorm becomes ``sync=True`` with the same process group. The class is remembered in
+        ``torch_dim`` (1, 2 or 3; ``None`` for SyncBatchNorm, which has no rank), so :meth:`to_torch` gives the
+        same class back without running the model.
 
         Example:
             >>> import torch.nn as nn
             >>> BatchNorm.from_torch(nn.BatchNorm2d(4, momentum=None)).momentum is None
             True
+            >>> type(BatchNorm.from_torch(nn.BatchNorm3d(4)).to_torch()).__name__
+            'BatchNorm3d'
         """
         if not isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise TypeError(
@@ -851,13 +857,17 @@ class BatchNorm(nn.Module):
             if mine is not None and theirs is not None:
                 mine.requires_grad_(theirs.requires_grad)
         layer.train(module.training)
+        for dim, torch_class in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
+            if isinstance(module, torch_class):
+                layer.torch_dim = dim
         return layer
 
     def to_torch(self, dim: int | None = None, *, strict: bool = True) -> nn.modules.batchnorm._BatchNorm:
         """A ``torch.nn.BatchNorm{dim}d`` with this layer's configuration, state, mode and ``requires_grad``.
 
         Args:
-            dim: 1, 2 or 3 (input rank 2-3, 4, 5). Default: from the rank of the last input seen, else 2.
+            dim: 1, 2 or 3 (input rank 2-3, 4, 5). Default: from the rank of the last input seen, else the
+                class :meth:`from_torch` copied (``torch_dim``), else 2.
             strict: Refuse settings torch cannot express (channel axis other than 1, biased running variance,
                 Keras momentum formula, ghost batches, renorm, beta without gamma). With ``strict=False`` they
                 are dropped: inference output is unchanged, training behaviour follows PyTorch. ``sync`` is
@@ -868,7 +878,7 @@ class BatchNorm(nn.Module):
             'BatchNorm1d'
         """
         if dim is None:
-            dim = {2: 1, 3: 1, 4: 2, 5: 3}.get(self._seen_dim, 2)
+            dim = {2: 1, 3: 1, 4: 2, 5: 3}.get(self._seen_dim) or getattr(self, "torch_dim", None) or 2
         classes = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
         if dim not in classes:
             raise ValueError(f"{self.label()}: to_torch(dim=...) must be 1, 2 or 3. Received: {dim}")

@@ -7,6 +7,7 @@ from typing import Union
 
 from torch import nn
 
+from bnkit.layers.kinds import is_batchnorm_like
 from bnkit.shared.selection import matches
 
 __all__ = [
@@ -55,6 +56,10 @@ _matches = matches
 def named_batchnorms(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Module]]:
     """Every BatchNorm layer of ``model`` at any depth, as ``(qualified_name, module)``, in module order.
 
+    Only layers with ``torch.nn`` BatchNorm attributes (:func:`is_batchnorm`: ``torch.nn`` BatchNorm and its
+    subclasses, timm's BatchNormAct2d included, and ``bnkit.BatchNorm``). Every other kind (FrozenBatchNorm2d,
+    look-alikes, registered classes) is listed by :func:`bnkit.named_batchnorm_like`, with its description.
+
     ``layers`` narrows the selection (see :data:`LayerSelector`). A model that is itself a BatchNorm is
     returned under the name ``""``. Modules registered under several names are listed once.
 
@@ -71,7 +76,8 @@ def named_batchnorms(model: nn.Module, layers: LayerSelector = None) -> list[tup
 
 
 def named_norms(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Module]]:
-    """Like :func:`named_batchnorms` but also lists batch-independent norms (GroupNorm, LayerNorm, ...).
+    """Every normalisation layer: each BatchNorm-like kind that :func:`bnkit.layers.kinds.describe_batchnorm`
+    recognises (frozen and timm layers included) and the batch-independent norms (GroupNorm, LayerNorm, ...).
 
     Example:
         >>> model = nn.Sequential(nn.BatchNorm1d(4), nn.LayerNorm(4))
@@ -81,5 +87,5 @@ def named_norms(model: nn.Module, layers: LayerSelector = None) -> list[tuple[st
     return [
         (name, module)
         for name, module in model.named_modules()
-        if (is_batchnorm(module) or is_batch_independent_norm(module)) and _matches(layers, name, module)
+        if (is_batch_independent_norm(module) or is_batchnorm_like(module)) and _matches(layers, name, module)
     ]

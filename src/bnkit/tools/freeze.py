@@ -26,12 +26,12 @@ from typing import Any
 from torch import nn
 
 from bnkit.layers.find import LayerSelector
+from bnkit.layers.kinds import BatchNormInfo, describe_batchnorm
 from bnkit.tools.model_edit import (
     affine_params,
     check_model,
-    has_running_buffers,
     is_bnkit_batchnorm,
-    select_batchnorms,
+    select_batchnorm_like,
 )
 
 __all__ = [
@@ -85,8 +85,11 @@ class _FrozenStatsPreHook:
 
     A plain class (not a closure) so that ``copy.deepcopy`` and pickling of the whole model keep it.
     ``enabled`` lets :func:`bnkit.recalibrate` suspend the freeze without removing and re-adding hooks
-    (which would change their order).
+    (which would change their order). ``bnkit_freezes_stats`` is how :func:`bnkit.layers.kinds.describe_batchnorm`
+    (a lower layer, which cannot import this module) recognises the hook.
     """
+
+    bnkit_freezes_stats = True
 
     def __init__(self) -> None:
         self.enabled = True
@@ -186,7 +189,8 @@ def is_frozen_stats(module: nn.Module) -> bool:
     """True when a BatchNorm layer's statistics are frozen (inference-mode normalisation, no updates).
 
     For ``bnkit.BatchNorm`` this is its ``freeze_stats`` switch; for ``torch.nn`` BatchNorm layers it means
-    :func:`freeze` installed its hooks. A layer in ``eval()`` mode is not frozen: the next ``train()`` undoes it.
+    :func:`freeze` installed its hooks; a layer whose class fixes its statistics (FrozenBatchNorm2d) always is.
+    A layer in ``eval()`` mode is not frozen: the next ``train()`` undoes it.
 
     Example:
         >>> bn = nn.BatchNorm2d(3)
@@ -196,7 +200,10 @@ def is_frozen_stats(module: nn.Module) -> bool:
     """
     if is_bnkit_batchnorm(module):
         return bool(module.freeze_stats)
-    return frozen_stats_hook(module) is not None
+    if frozen_stats_hook(module) is not None:
+        return True
+    info = describe_batchnorm(module)
+    return info is not None and info.fixed
 
 
 def is_frozen_affine(module: nn.Module) -> bool:
@@ -242,9 +249,13 @@ def _set_stats(module: nn.Module, frozen: bool, name: str = "") -> bool:
     return True
 
 
-def _set_affine(module: nn.Module, frozen: bool) -> bool:
+def _affine_of(info: BatchNormInfo) -> list[nn.Parameter]:
+    """gamma/beta parameters of a layer (buffers, as in FrozenBatchNorm2d, never train and are left out)."""
+    return [p for p in (info.weight, info.bias) if isinstance(p, nn.Parameter)]
+
+
+def _set_affine(module: nn.Module, frozen: bool, params: list[nn.Parameter]) -> bool:
     """Put gamma/beta in the requested state; True when something changed."""
-    params = affine_params(module).values()
     changed = any(p.requires_grad == frozen for p in params)
     if is_bnkit_batchnorm(module):
         changed = changed or bool(module.freeze_affine) != frozen
@@ -266,14 +277,21 @@ def _apply(model: nn.Module, stats: bool, affine: bool, layers: LayerSelector, f
             raise TypeError(f"{tool}: {flag_name} must be True or False, got {flag!r}")
     if not stats and not affine:
         raise ValueError(f"{tool}: stats=False and affine=False select nothing to {tool}; set one to True")
-    selected = select_batchnorms(model, layers, tool)
+    selected = select_batchnorm_like(model, layers, tool)
 
     # Decide everything first so that a layer that cannot be handled leaves the model untouched.
-    plan: list[tuple[str, nn.Module, bool, bool]] = []
+    plan: list[tuple[str, nn.Module, bool, list[nn.Parameter]]] = []
     skipped: dict[str, str] = {}
-    for name, module in selected:
-        do_stats = stats and has_running_buffers(module)
-        do_affine = affine and bool(affine_params(module))
+    for name, info in selected:
+        module = info.module
+        if info.fixed:
+            skipped[name] = f"{type(module).__name__} fixes its statistics and gamma/beta by class: always frozen" + (
+                "" if frozen else "; rebuild it as a trainable BatchNorm to unfreeze it"
+            )
+            continue
+        params = _affine_of(info)
+        do_stats = stats and info.has_running_stats
+        do_affine = affine and bool(params)
         if not do_stats and not do_affine:
             reasons = []
             if stats:
@@ -282,13 +300,13 @@ def _apply(model: nn.Module, stats: bool, affine: bool, layers: LayerSelector, f
                 reasons.append("no gamma/beta (affine=False)")
             skipped[name] = "; ".join(reasons)
             continue
-        plan.append((name, module, do_stats, do_affine))
+        plan.append((name, module, do_stats, params if do_affine else []))
 
     changed: list[str] = []
     unchanged: list[str] = []
-    for name, module, do_stats, do_affine in plan:
+    for name, module, do_stats, params in plan:
         stats_changed = _set_stats(module, frozen, name) if do_stats else False
-        affine_changed = _set_affine(module, frozen) if do_affine else False
+        affine_changed = _set_affine(module, frozen, params) if params else False
         (changed if stats_changed or affine_changed else unchanged).append(name)
     return FreezeReport(tuple(changed), tuple(unchanged), skipped)
 
@@ -303,9 +321,14 @@ def freeze(model: nn.Module, stats: bool = True, affine: bool = True, layers: La
     learn); ``freeze(model, stats=False)`` only fixes gamma/beta, so the statistics keep adapting in training
     mode. An aspect that is not asked for is left as it is. Layer types and state dict keys do not change.
 
-    Layers without running statistics (``track_running_stats=False``) always use batch statistics: freezing
-    their statistics does not apply and they are reported under ``skipped`` (likewise gamma/beta of layers
-    with ``affine=False``).
+    Every BatchNorm kind bnkit recognises is handled (:func:`bnkit.named_batchnorm_like`): timm's
+    BatchNormAct2d and SyncBatchNormAct are frozen like ``torch.nn`` layers (their activation is untouched),
+    classes taught with :func:`bnkit.register_batchnorm` too (their forward must follow ``module.training``).
+    Layers whose class already fixes the statistics (torchvision's and timm's FrozenBatchNorm2d,
+    FrozenBatchNormAct2d, look-alikes) are reported under ``skipped``. Layers without running statistics
+    (``track_running_stats=False``) always use batch statistics: freezing their statistics does not apply and
+    they are reported under ``skipped`` (likewise gamma/beta of layers with ``affine=False``). A model with no
+    BatchNorm bnkit recognises gives a warning naming the modules with running statistics it does not know.
 
     Args:
         model: any module; BatchNorm layers are found at any depth (the model itself may be one).

@@ -4,6 +4,7 @@ the few BatchNorm facts every tool asks (running buffers, gamma/beta)."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from bnkit.layers.find import LayerSelector, named_batchnorms
 from bnkit.layers.keras_guard import refuse_keras
+from bnkit.layers.kinds import BatchNormInfo, named_batchnorm_like, unrecognised_running_stats
 
 __all__ = [
     "affine_params",
@@ -20,6 +22,7 @@ __all__ = [
     "has_running_buffers",
     "is_bnkit_batchnorm",
     "replace_modules",
+    "select_batchnorm_like",
     "select_batchnorms",
     "set_layer_names",
 ]
@@ -78,6 +81,41 @@ def select_batchnorms(model: nn.Module, layers: LayerSelector, tool: str) -> lis
         shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
         raise ValueError(f"{tool}: layers={layers!r} matched no BatchNorm layer; the model has: {shown or 'none'}")
     return selected
+
+
+def select_batchnorm_like(
+    model: nn.Module, layers: LayerSelector, tool: str, *, stacklevel: int = 4
+) -> list[tuple[str, BatchNormInfo]]:
+    """Every BatchNorm-like layer (all kinds) of ``model`` chosen by ``layers``, with its description.
+
+    Never silent: an explicit selector that matches nothing raises (naming the layers there are), and a model in
+    which bnkit recognises no BatchNorm at all gives a warning naming the modules that hold running statistics
+    bnkit does not recognise (then an empty list: there is nothing to do).
+
+    Example:
+        >>> [(n, i.kind) for n, i in select_batchnorm_like(nn.Sequential(nn.BatchNorm1d(2)), None, "freeze")]
+        [('0', 'torch')]
+    """
+    if isinstance(layers, (bytes, int, float)) or layers is True or layers is False:
+        raise TypeError(
+            f"{tool}: layers must be None, a name glob, a module type, a predicate or a list of names; got {layers!r}"
+        )
+    selected = named_batchnorm_like(model, layers)
+    if selected:
+        return selected
+    everything = named_batchnorm_like(model) if layers is not None else []
+    unknown = [name or "<model>" for name, _ in unrecognised_running_stats(model)]
+    also = f"; not recognised (bnkit.register_batchnorm): {', '.join(unknown[:8])}" if unknown else ""
+    if layers is not None:
+        available = [name or "<model>" for name, _ in everything]
+        shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
+        raise ValueError(
+            f"{tool}: layers={layers!r} matched no BatchNorm layer; the model has: {shown or 'none'}{also}"
+        )
+    warnings.warn(
+        f"{tool}: the model has no BatchNorm layer bnkit recognises; nothing to do{also}", stacklevel=stacklevel
+    )
+    return []
 
 
 def copy_unless_inplace(model: nn.Module, inplace: bool) -> nn.Module:

@@ -47,9 +47,11 @@ def call_on_batch(model: nn.Module, batch: Any, tool: str = "bnkit") -> Any:
     return model(batch)
 
 
-#: Example inputs, the one calling convention of every tool that runs a model once (doctor, fuse, summary,
-#: convert, shift, Monitor): a tensor or a list (one positional argument: a torchvision detector takes a list of
-#: images), a tuple (positional arguments), a mapping (keyword arguments), or a callable ``forward(model)``.
+#: Example inputs, the one calling convention of every tool that runs a model once (doctor, fuse, convert,
+#: Monitor): a tensor or a list (one positional argument: a torchvision detector takes a list of images), a tuple
+#: (positional arguments), a mapping (keyword arguments), or a callable ``forward(model)``. A type alias of
+#: ``Any`` (importable, not in ``__all__``: the docstring test would otherwise read ``typing.Any``'s docstring).
+#: See docs/tools.md, "Example inputs".
 ExampleInputs = Any
 
 

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from bnkit.core.moments import Moments, merge_moments, reduction_dims, variance
 from bnkit.layers.find import LayerSelector
+from bnkit.layers.kinds import BatchNormInfo, warn_unrecognised
 from bnkit.tools.freeze import frozen_stats_hook
-from bnkit.tools.model_edit import check_model, has_running_buffers, is_bnkit_batchnorm, select_batchnorms
+from bnkit.tools.model_edit import check_model, is_bnkit_batchnorm, select_batchnorm_like
 from bnkit.tools.model_inputs import call_on_batch
 
 __all__ = ["METHODS", "RecalibrationReport", "recalibrate"]
@@ -120,11 +121,12 @@ class _Capture:
     ``"off"`` (inference with the buffers as they are: an already recalibrated layer in a sequential pass).
     """
 
-    def __init__(self, name: str, module: nn.Module) -> None:
+    def __init__(self, name: str, info: BatchNormInfo) -> None:
         self.name = name
-        self.module = module
-        self.bnkit = is_bnkit_batchnorm(module)
-        self.unbiased = bool(module.unbiased_running_var) if self.bnkit else True
+        self.module = info.module
+        self.info = info
+        self.bnkit = is_bnkit_batchnorm(info.module)
+        self.unbiased = bool(info.module.unbiased_running_var) if self.bnkit else True
         self.mode = "record"
         self.stop = False
         self.calls = 0
@@ -153,7 +155,7 @@ class _Capture:
         self._collapse()
         if self.total is not None:
             return self.total
-        ref = self.module.running_mean
+        ref = self.info.running_mean
         zeros = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
         return Moments(torch.zeros((), dtype=torch.float64, device=ref.device), zeros, zeros.clone())
 
@@ -161,15 +163,17 @@ class _Capture:
         if self.mode == "off" or not args or not isinstance(args[0], Tensor):
             return
         x = args[0].detach()
-        axis = module.channel_axis(x.ndim) if self.bnkit else 1
-        if x.ndim < 2 or x.shape[axis] == 0 or x.numel() == 0:
-            return  # let the layer report a bad input; an empty batch contributes nothing
+        if x.ndim < 2:
+            return  # let the layer report a bad input
+        axis = self.info.axis_for(x.ndim)
+        if x.shape[axis] == 0 or x.numel() == 0:
+            return  # an empty batch contributes nothing
         n = x.numel() // x.shape[axis]
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
         shift, s1, s2 = _batch_sums(xf, axis)
         # The batch's own mean and biased variance, for the eval-mode forward (input precision is enough here).
-        module.running_mean.copy_(shift).add_(s1, alpha=1.0 / n)
-        module.running_var.copy_(torch.addcmul(s2, s1, s1, value=-1.0 / n).div_(n).clamp_min_(0.0))
+        self.info.running_mean.copy_(shift).add_(s1, alpha=1.0 / n)
+        self.info.running_var.copy_(torch.addcmul(s2, s1, s1, value=-1.0 / n).div_(n).clamp_min_(0.0))
         if self.mode == "record":
             if self.first_call is None:
                 self.first_call = next(_CLOCK)
@@ -363,8 +367,8 @@ def _commit(capture: _Capture, moments: Moments) -> None:
             std = torch.sqrt(var + module.eps).to(module.running_std.dtype)
             module.running_std.copy_(std)
             var = torch.relu(std * std - module.eps)
-        module.running_mean.copy_(mean.to(module.running_mean.dtype))
-        module.running_var.copy_(var.to(module.running_var.dtype))
+        capture.info.running_mean.copy_(mean.to(capture.info.running_mean.dtype))
+        capture.info.running_var.copy_(var.to(capture.info.running_var.dtype))
 
 
 def _reduce(moments: Moments) -> Moments:
@@ -383,6 +387,7 @@ def recalibrate(
     progress: bool = True,
     layers: LayerSelector = None,
     sequential: bool = False,
+    include_frozen: bool = False,
 ) -> RecalibrationReport:
     """Recompute the running statistics of the selected BatchNorm layers from ``data``, in place.
 
@@ -405,7 +410,13 @@ def recalibrate(
 
     Everything else runs in eval mode (dropout off, other BatchNorm layers on their running statistics),
     under ``torch.no_grad()``. Frozen selected layers (:func:`bnkit.freeze`) are recalibrated too; select with
-    ``layers`` to leave them out. On return, and on any exception (including ``KeyboardInterrupt`` from the data
+    ``layers`` to leave them out. Every BatchNorm kind bnkit recognises is recalibrated (timm's BatchNormAct2d,
+    classes taught with :func:`bnkit.register_batchnorm`, ...); layers whose class fixes their statistics
+    (torchvision's and timm's FrozenBatchNorm2d, FrozenBatchNormAct2d, look-alikes, a detector's frozen
+    backbone) only with ``include_frozen=True`` (AdaBN for a frozen backbone; ``method="precise"`` only, they
+    have no momentum), and are otherwise listed under ``skipped`` with the reason. Their statistics are stored
+    in PyTorch's convention (unbiased variance), as those layers load them from ``torch.nn`` checkpoints.
+    On return, and on any exception (including ``KeyboardInterrupt`` from the data
     iterator), every module's training flag, the layers' momentum and freeze switches and all hooks are as
     before; on an exception all buffers (running statistics included) are restored bit for bit.
 
@@ -416,11 +427,13 @@ def recalibrate(
         num_batches: use at most this many batches per pass (default: all).
         forward: ``(model, batch) -> Any`` to call the model (pytorch#49082); the default calls ``model(batch)``,
             ``model(batch[0])`` for a list/tuple (a DataLoader's ``(inputs, targets)``) and ``model(**batch)`` for
-            a dict. Batches are not moved between devices.
+            a dict. Batches are not moved between devices. A detector whose batch is a list of images needs
+            ``forward=lambda model, images: model(images)`` (docs/tools.md, "Example inputs").
         progress: show a progress bar (rich or tqdm when installed, to stderr).
         layers: which BatchNorm layers (None: all; glob, type, predicate or list of names). Layers without
             running statistics are skipped.
         sequential: ``"precise"`` only: exact layer-by-layer recomputation (see above).
+        include_frozen: also recompute the statistics of layers whose class fixes them (FrozenBatchNorm2d).
 
     Returns:
         A :class:`RecalibrationReport`. Selected layers never called during the passes keep their statistics
@@ -442,17 +455,37 @@ def recalibrate(
         (True, True)
     """
     _check_arguments(model, data, method, num_batches, forward, progress, sequential)
+    if not isinstance(include_frozen, bool):
+        raise TypeError(f"recalibrate: include_frozen must be True or False, got {include_frozen!r}")
     call = forward if forward is not None else functools.partial(call_on_batch, tool="recalibrate")
-    selected = select_batchnorms(model, layers, "recalibrate")
+    selected = select_batchnorm_like(model, layers, "recalibrate", stacklevel=3)
     skipped: dict[str, str] = {}
-    targets: list[tuple[str, nn.Module]] = []
-    for name, module in selected:
-        if has_running_buffers(module):
-            targets.append((name, module))
-        else:
+    if layers is None and selected:
+        for name in warn_unrecognised(model, "recalibrate"):
+            skipped[name] = "running statistics, but bnkit does not recognise the class (bnkit.register_batchnorm)"
+    targets: list[tuple[str, BatchNormInfo]] = []
+    for name, info in selected:
+        if not info.has_running_stats:
             skipped[name] = "no running statistics (track_running_stats=False)"
+        elif info.fixed and not include_frozen:
+            skipped[name] = (
+                f"{type(info.module).__name__} fixes its statistics by class; pass include_frozen=True to "
+                "recompute them"
+            )
+        elif info.fixed and method == "ema":
+            skipped[name] = f"{type(info.module).__name__} has no momentum; use method='precise'"
+        elif info.lazy:
+            skipped[name] = "a lazy layer that has not seen an input"
+        else:
+            targets.append((name, info))
     if not targets:
-        raise ValueError("recalibrate: no selected BatchNorm layer has running statistics; nothing to recalibrate")
+        frozen = [name or "<model>" for name, info in selected if info.fixed and info.has_running_stats]
+        hint = ""
+        if frozen and not include_frozen:
+            hint = f" ({len(frozen)} with statistics fixed by class, e.g. {frozen[0]}: pass include_frozen=True)"
+        raise ValueError(
+            f"recalibrate: no selected BatchNorm layer has running statistics to recalibrate{hint}; nothing was changed"
+        )
 
     total = None
     if hasattr(data, "__len__"):
@@ -466,7 +499,7 @@ def recalibrate(
     session = _Session(model)
     failed = True
     try:
-        session.suspend_freeze([m for _, m in targets])
+        session.suspend_freeze([info.module for _, info in targets])
         for module in model.modules():
             module.training = False
         with torch.no_grad(), _Progress(progress, total) as bar:
@@ -492,21 +525,21 @@ def recalibrate(
 
 
 def _ema(
-    passes: _Passes, targets: list[tuple[str, nn.Module]], session: _Session, skipped: dict[str, str]
+    passes: _Passes, targets: list[tuple[str, BatchNormInfo]], session: _Session, skipped: dict[str, str]
 ) -> RecalibrationReport:
-    calls = {id(m): 0 for _, m in targets}
+    calls = {id(info.module): 0 for _, info in targets}
 
     def count(module: nn.Module, args: Any, output: Any) -> None:
         calls[id(module)] += 1
 
-    for _, module in targets:
-        module.training = True
-        session.handles.append(module.register_forward_hook(count))
+    for _, info in targets:
+        info.module.training = True
+        session.handles.append(info.module.register_forward_hook(count))
     batches = passes.first("recalibrate (ema)")
     counts: dict[str, int] = {}
-    for name, module in targets:
-        if calls[id(module)]:
-            counts[name] = calls[id(module)]
+    for name, info in targets:
+        if calls[id(info.module)]:
+            counts[name] = calls[id(info.module)]
         else:
             skipped[name] = _NEVER_CALLED
     return RecalibrationReport("ema", batches, 1, counts, skipped)
@@ -514,16 +547,16 @@ def _ema(
 
 def _precise(
     passes: _Passes,
-    targets: list[tuple[str, nn.Module]],
+    targets: list[tuple[str, BatchNormInfo]],
     session: _Session,
     skipped: dict[str, str],
     sequential: bool,
 ) -> RecalibrationReport:
     captures = []
-    for name, module in targets:
-        capture = _Capture(name, module)
+    for name, info in targets:
+        capture = _Capture(name, info)
         captures.append(capture)
-        session.handles.append(module.register_forward_pre_hook(capture.pre_hook))
+        session.handles.append(info.module.register_forward_pre_hook(capture.pre_hook))
 
     from bnkit.distributed import is_active
 

@@ -14,14 +14,16 @@ from bnkit.cli.commands import (
     positive_int,
 )
 from bnkit.cli.commands._save import add_output_arguments, check_output, write_model
+from bnkit.cli.io import CliError
 from bnkit.cli.output import Table
 from bnkit.tools.convert import TARGETS
 
 NAME = "convert"
 DESCRIPTION = (
     "Convert every BatchNorm layer: to bnkit.BatchNorm (exact), to plain torch BatchNorm (also "
-    "from SyncBatchNorm), to synchronised bnkit.BatchNorm (sync) or torch.nn.SyncBatchNorm (torch-sync), or to "
-    "GroupNorm; write the model to OUT."
+    "from SyncBatchNorm), to synchronised bnkit.BatchNorm (sync) or torch.nn.SyncBatchNorm (torch-sync), to "
+    "FrozenBatchNorm2d (frozen) or back to trainable BatchNorm2d (trainable), or to GroupNorm; write the model to "
+    "OUT. Layers left as they are, and modules with running statistics bnkit does not recognise, are listed."
 )
 
 
@@ -42,7 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="--to group: number of groups (default: the largest divisor of the channels <= 32)",
     )
-    add_input_size(parser, "input shape without the batch dimension: tells --to torch/group each layer's rank")
+    add_input_size(
+        parser,
+        "input shape without the batch dimension, for one eval-mode forward that records each layer's rank; "
+        "rarely needed: --to torch reads the rank from the model itself",
+    )
+    parser.add_argument(
+        "--dim",
+        type=int,
+        choices=(1, 2, 3),
+        default=None,
+        help="--to torch/frozen/trainable: BatchNorm1d/2d/3d where neither the model nor --input-size fixes the rank",
+    )
     parser.add_argument(
         "--no-strict",
         dest="strict",
@@ -56,35 +69,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     Example:
         >>> run(argparse.Namespace(model="m.pt", weights=None, to="bnkit", output="b.pt", format="auto",
-        ...     groups=None, input_size=None, strict=True))  # doctest: +SKIP
+        ...     groups=None, input_size=None, dim=None, strict=True))  # doctest: +SKIP
     """
-    from bnkit.tools.convert import convert
+    from bnkit.tools.convert import convert_with_report
 
     loaded, model = load_eager(args, NAME)
     check_output(loaded, args)
     example = example_batch(model, args.input_size, 2)
-    before = {name: type(m).__name__ for name, m in model.named_modules()}
-    converted = convert(model, args.to, example_inputs=example, groups=args.groups, strict=args.strict)
-    layers = [
-        {"layer": name, "from": before[name], "to": type(m).__name__}
-        for name, m in converted.named_modules()
-        if name in before and before[name] != type(m).__name__
-    ]
+    dim = getattr(args, "dim", None) if args.to in ("torch", "frozen", "trainable") else None
+    try:
+        converted, report = convert_with_report(
+            model, args.to, example_inputs=example, groups=args.groups, strict=args.strict, dim=dim
+        )
+    except ValueError as err:
+        message = str(err)
+        if "needs BatchNorm1d, 2d or 3d" in message:
+            message = message.split(" (to=")[0] + "; pass --dim 1|2|3 or --input-size"
+        raise CliError(message) from None
+    layers = []
+    for name, change in report.converted.items():
+        old, new = change.split(" -> ")
+        layers.append({"layer": name, "from": old, "to": new})
     written = write_model(converted, loaded, args, auto="module", extra_inputs=[], example_inputs=example)
-    return {**written, "to": args.to, "converted": layers}
+    left = {**report.kept, **report.skipped}
+    return {
+        **written,
+        "to": args.to,
+        "converted": layers,
+        "left": [{"layer": name, "reason": reason} for name, reason in left.items()],
+        "unrecognised": list(report.unrecognised),
+    }
 
 
 def render(data: dict[str, Any]) -> list[Table | str]:
     """The converted layers and the file written.
 
     Example:
-        >>> render({"converted": [], "output": "b.pt", "format": "module", "to": "bnkit"})
-        ['wrote b.pt (module): 0 layers converted to bnkit']
+        >>> render({"converted": [], "output": "b.pt", "format": "module", "to": "bnkit", "unrecognised": ["1"]})
+        ['not recognised, hold running statistics: 1', 'wrote b.pt (module): 0 layers converted to bnkit']
     """
     blocks: list[Table | str] = []
     if data["converted"]:
         rows = [[c["layer"], c["from"], c["to"]] for c in data["converted"]]
         blocks.append(Table(None, ["layer", "from", "to"], rows))
+    if data.get("left"):
+        rows = [[c["layer"], c["reason"]] for c in data["left"]]
+        blocks.append(Table("left as they are", ["layer", "reason"], rows))
+    if data.get("unrecognised"):
+        blocks.append(f"not recognised, hold running statistics: {', '.join(data['unrecognised'])}")
     blocks.append(
         f"wrote {data['output']} ({data['format']}): {len(data['converted'])} layers converted to {data['to']}"
     )
