@@ -89,3 +89,8 @@ class Twin(nn.Module):
 
 def inputs(n: int = 64, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, SIZE, SIZE, CHANNELS)).astype("float32")
+
+
+def padding_twin() -> Twin:
+    """A twin built with symmetric padding where Keras pads asymmetrically (a CLI factory)."""
+    return Twin("padding")
