@@ -158,6 +158,11 @@ def transfer_weights(
         check_shapes(pair, values, to)
         if pair.kind == "bn":
             changes += bn_settings(pair, to, apply=False)
+        if pair.fold_into_next:
+            bn = next(p for p in pairs if p.folded_from is pair)
+            lacking = f"torch {pair.torch_names}" if to == "torch" else f"Keras {pair.keras.name}"
+            target = f"torch {bn.torch_names}" if to == "torch" else f"Keras {bn.keras.name}"
+            changes.append(f"{lacking} has no bias: it is folded into the running mean of {target}")
         plan.append((pair, values))
     for pair, values in plan:
         (write_torch if to == "torch" else write_keras)(pair, values)

@@ -104,6 +104,7 @@ class TransferReport:
         first = self.first_divergence
         if first is not None:
             lines.append(f"first divergence: {first.line()}")
+        lines += [f"expected: {check.line()}" for check in self.checks if check.status == "expected"]
         lines += [f"changed: {change}" for change in self.changes]
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
