@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "KerasFreezeReport": "bnkit.keras.freezing",
     "recalibrate": "bnkit.keras.recalibration",
     "KerasRecalibrationReport": "bnkit.keras.recalibration",
+    "transfer_weights": "bnkit.transfer.port",  # lives above bnkit.keras (it needs torch); imported on first use
 }
 
 __all__ = sorted(_EXPORTS)
