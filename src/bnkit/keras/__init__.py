@@ -28,6 +28,9 @@ _EXPORTS: dict[str, str] = {
     "KerasFreezeReport": "bnkit.keras.freezing",
     "recalibrate": "bnkit.keras.recalibration",
     "KerasRecalibrationReport": "bnkit.keras.recalibration",
+    "fold": "bnkit.keras.folding",
+    "fold_with_report": "bnkit.keras.folding",
+    "KerasFoldReport": "bnkit.keras.folding",
 }
 
 __all__ = sorted(_EXPORTS)
