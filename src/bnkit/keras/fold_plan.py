@@ -221,8 +221,8 @@ def _describe(layer: Any) -> str:
 class _Planner:
     """Plans one container; nested containers get their own planner."""
 
-    def __init__(self, model: Any, prefix: str, plan: Plan, seen: set[int]) -> None:
-        self.model, self.prefix, self.plan, self.seen = model, prefix, plan, seen
+    def __init__(self, model: Any, prefix: str, plan: Plan, seen: set[int], times: dict[int, int]) -> None:
+        self.model, self.prefix, self.plan, self.seen, self.times = model, prefix, plan, seen, times
         self.graph = read_graph(model)
         self.folded_into: dict[int, Call] = {}  # id(BN call) -> call of the layer it was folded into (after)
 
@@ -231,7 +231,7 @@ class _Planner:
             layer = call.layer
             if is_graph_model(layer) and id(layer) not in self.seen:
                 self.seen.add(id(layer))
-                _Planner(layer, f"{self.prefix}{layer.name}/", self.plan, self.seen).run()
+                _Planner(layer, f"{self.prefix}{layer.name}/", self.plan, self.seen, self.times).run()
             elif compat.is_batchnorm(layer):
                 self._batchnorm(call)
 
@@ -264,7 +264,7 @@ class _Planner:
 
     def _bn_itself(self, call: Call) -> str:
         bn = call.layer
-        times = self.graph.times[id(bn)]
+        times = self.times[id(bn)]
         if times > 1:
             return f"shared layer: {bn.name} is called {times} times (one fold cannot serve every call)"
         keras = compat.import_keras()
@@ -300,7 +300,7 @@ class _Planner:
         activation = getattr(getattr(layer, "activation", None), "__name__", "linear")
         if activation != "linear":
             return None, f"activation between: {layer.name} applies activation={activation!r} before the BN"
-        times = self.graph.times[id(layer)]
+        times = self.times[id(layer)]
         if times > 1:
             return None, f"shared layer: {layer.name} is called {times} times"
         problem = _unsupported_weights(layer)
@@ -339,7 +339,7 @@ class _Planner:
             return None, f"before: it feeds {_describe(layer)}, which has no kernel to fold into"
         if kind == "transpose":
             return None, f"before: {layer.name} is a transposed convolution (its border outputs get fewer taps)"
-        times = self.graph.times[id(layer)]
+        times = self.times[id(layer)]
         if times > 1:
             return None, f"shared layer: {layer.name} is called {times} times"
         if len(consumer.inputs) != 1:
@@ -378,5 +378,21 @@ def plan_model(model: Any) -> Plan:
         [('bn', 'fc', 'after')]
     """
     plan = Plan()
-    _Planner(model, "", plan, {id(model)}).run()
+    _Planner(model, "", plan, {id(model)}, _calls_everywhere(model)).run()
     return plan
+
+
+def _calls_everywhere(model: Any) -> dict[int, int]:
+    """``id(layer) -> calls`` summed over ``model`` and every nested container (each container counted once)."""
+    times: dict[int, int] = {}
+    seen = {id(model)}
+    pending = [model]
+    while pending:
+        graph = read_graph(pending.pop())
+        for key, count in graph.times.items():
+            times[key] = times.get(key, 0) + count
+        for call in graph.calls:
+            if is_graph_model(call.layer) and id(call.layer) not in seen:
+                seen.add(id(call.layer))
+                pending.append(call.layer)
+    return times

@@ -1,0 +1,305 @@
+"""bnkit.keras.fold against Keras's own predict(): every layer kind, both positions, the refusals, nesting, .keras."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import bnkit.keras as bk
+from bnkit.keras.find import walk
+from tests.keras.helpers import snapshot
+
+L = keras.layers
+
+
+def _randomize(model: keras.Model, seed: int = 0) -> None:
+    """Non-trivial moving statistics, gamma and beta on every BN; random biases on every layer that has one."""
+    rng = np.random.default_rng(seed)
+    for _, bn in bk.named_batchnorms(model):
+        c = int(bn.moving_mean.shape[0])
+        bn.moving_mean.assign(rng.normal(0.5, 1.0, c).astype("float32"))
+        bn.moving_variance.assign(rng.uniform(0.2, 3.0, c).astype("float32"))
+        if bn.scale:
+            bn.gamma.assign(rng.normal(1.0, 0.5, c).astype("float32"))
+        if bn.center:
+            bn.beta.assign(rng.normal(0.0, 1.0, c).astype("float32"))
+
+
+def _x(shape: tuple[int, ...], seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0.5, 1.5, (3, *shape)).astype("float32")
+
+
+def _assert_same_predict(model: keras.Model, folded: keras.Model, x) -> None:
+    ref = model.predict(x, verbose=0)
+    out = folded.predict(x, verbose=0)
+    assert out.shape == ref.shape
+    scale = max(1.0, float(np.abs(ref).max()))
+    assert float(np.abs(out - ref).max()) <= 1e-6 * scale, (float(np.abs(out - ref).max()), scale)
+
+
+def _bn_names(model: keras.Model) -> list[str]:
+    return [path for path, _ in bk.named_batchnorms(model)]
+
+
+# (id, input shape, layer, BN before it too) -- the BN after it is always there.
+CASES = [
+    ("conv1d", (9, 4), lambda: L.Conv1D(5, 3, strides=2, name="layer"), True),
+    ("conv2d", (7, 7, 4), lambda: L.Conv2D(6, 3, dilation_rate=2, name="layer"), True),
+    ("conv2d_groups", (6, 6, 4), lambda: L.Conv2D(6, 3, groups=2, use_bias=False, name="layer"), True),
+    ("conv3d_groups", (5, 5, 5, 4), lambda: L.Conv3D(4, 2, groups=2, name="layer"), True),
+    ("conv2d_same", (6, 6, 3), lambda: L.Conv2D(4, 3, strides=2, padding="same", name="layer"), False),
+    ("depthwise1d", (9, 3), lambda: L.DepthwiseConv1D(3, depth_multiplier=2, name="layer"), True),
+    ("depthwise2d", (6, 6, 3), lambda: L.DepthwiseConv2D(3, depth_multiplier=2, use_bias=False, name="layer"), True),
+    ("separable1d", (9, 3), lambda: L.SeparableConv1D(4, 3, depth_multiplier=2, name="layer"), True),
+    ("separable2d", (6, 6, 3), lambda: L.SeparableConv2D(5, 3, depth_multiplier=2, name="layer"), True),
+    ("conv1d_transpose", (5, 3), lambda: L.Conv1DTranspose(4, 3, strides=2, name="layer"), False),
+    ("conv2d_transpose", (4, 4, 3), lambda: L.Conv2DTranspose(4, 3, strides=2, padding="same", name="layer"), False),
+    ("conv3d_transpose", (3, 3, 3, 2), lambda: L.Conv3DTranspose(3, 2, use_bias=False, name="layer"), False),
+    ("dense", (6,), lambda: L.Dense(5, name="layer"), True),
+    ("dense_3d_input", (4, 6), lambda: L.Dense(5, use_bias=False, name="layer"), True),
+]
+
+
+@pytest.mark.parametrize(("shape", "make", "before"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_fold_matches_predict_on_every_layer_kind(shape, make, before) -> None:
+    layers = [L.BatchNormalization(name="bn_in")] if before else []
+    layers += [make(), L.BatchNormalization(name="bn_out"), L.ReLU(name="relu")]
+    model = keras.Sequential([keras.Input(shape), *layers])
+    _randomize(model)
+    folded, report = bk.fold_with_report(model, check=_x(shape, seed=5))
+    expected = ([("bn_in", "layer", "before")] if before else []) + [("bn_out", "layer", "after")]
+    assert [(f.bn, f.into, f.position) for f in report.folded] == expected
+    assert report.skipped == [] and report.checked
+    assert isinstance(folded, keras.Sequential) and _bn_names(folded) == []
+    assert [layer.name for layer in folded.layers] == ["layer", "relu"]
+    assert folded.get_layer("layer").use_bias
+    _assert_same_predict(model, folded, _x(shape))
+
+
+def test_chain_of_bns_and_scale_center_false_fold_into_one_dense() -> None:
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            L.Dense(3, use_bias=False, name="fc"),
+            L.BatchNormalization(center=False, scale=False, epsilon=0.5, name="bn1"),
+            L.BatchNormalization(center=False, name="bn2"),
+            L.BatchNormalization(scale=False, name="bn3"),
+        ]
+    )
+    _randomize(model)
+    folded, report = bk.fold_with_report(model)
+    assert [(f.bn, f.into) for f in report.folded] == [("bn1", "fc"), ("bn2", "fc"), ("bn3", "fc")]
+    assert [layer.name for layer in folded.layers] == ["fc"]
+    _assert_same_predict(model, folded, _x((4,)))
+
+
+def _functional(body) -> tuple[keras.Model, tuple[int, ...]]:
+    inp = keras.Input((6, 6, 3))
+    return keras.Model(inp, body(inp)), (6, 6, 3)
+
+
+def _activation_in_conv(x):
+    return L.BatchNormalization(name="bn")(L.Conv2D(4, 3, activation="relu", name="conv")(x))
+
+
+def _activation_layer(x):
+    return L.BatchNormalization(name="bn")(L.ReLU(name="relu")(L.Conv2D(4, 3, name="conv")(x)))
+
+
+def _shared_bn(x):
+    bn = L.BatchNormalization(name="bn")
+    return L.Add()([bn(L.Conv2D(4, 1, name="c1")(x)), bn(L.Conv2D(4, 1, name="c2")(x))])
+
+
+def _shared_conv(x):
+    conv = L.Conv2D(3, 1, name="conv")
+    return L.BatchNormalization(name="bn")(conv(conv(x)))
+
+
+def _several_consumers(x):
+    y = L.Conv2D(4, 3, name="conv")(x)
+    return L.Add(name="add")([L.BatchNormalization(name="bn")(y), y])
+
+
+def _before_same_padding(x):
+    return L.Conv2D(4, 3, padding="same", name="conv")(L.BatchNormalization(name="bn")(x))
+
+
+def _training_true(x):
+    return L.BatchNormalization(name="bn")(L.Conv2D(4, 3, name="conv")(x), training=True)
+
+
+REFUSALS = [
+    ("activation_in_conv", _activation_in_conv, "activation between: conv applies activation='relu'"),
+    ("activation_layer", _activation_layer, "activation between: its input comes from relu (ReLU)"),
+    ("shared_bn", _shared_bn, "shared layer: bn is called 2 times"),
+    ("shared_conv", _shared_conv, "shared layer: conv is called 2 times"),
+    ("several_consumers", _several_consumers, "several consumers: conv's output also feeds add"),
+    ("before_same_padding", _before_same_padding, "BN before a zero-padded conv: conv uses padding='same'"),
+    ("training_true", _training_true, "called with training=True when the model was built"),
+]
+
+
+@pytest.mark.parametrize(("body", "reason"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
+def test_each_refusal_names_its_reason_and_keeps_the_bn(body, reason) -> None:
+    model, shape = _functional(body)
+    _randomize(model)
+    with pytest.warns(UserWarning, match="could be folded"):
+        folded, report = bk.fold_with_report(model)
+    assert report.folded == []
+    assert [s.bn for s in report.skipped] == ["bn"]
+    assert reason in report.skipped[0].reason, report.skipped[0].reason
+    assert _bn_names(folded) == ["bn"]
+    np.testing.assert_array_equal(model.predict(_x(shape), verbose=0), folded.predict(_x(shape), verbose=0))
+
+
+def _nested() -> keras.Model:
+    base = keras.Sequential(
+        [
+            keras.Input((6, 6, 3)),
+            L.Conv2D(4, 3, use_bias=False, name="conv"),
+            L.BatchNormalization(name="bn"),
+            L.ReLU(name="relu"),
+        ],
+        name="base",
+    )
+    inp = keras.Input((6, 6, 3), name="image")
+    y = L.GlobalAveragePooling2D(name="pool")(base(inp))
+    y = L.BatchNormalization(name="head_bn")(L.Dense(3, name="head")(y))
+    model = keras.Model(inp, y, name="net")
+    _randomize(model)
+    return model
+
+
+def test_nested_models_fold_recursively_and_the_input_model_is_untouched() -> None:
+    model = _nested()
+    before = snapshot(model)
+    layers_before = [(f.path, f.layer) for f in walk(model)]
+    folded, report = bk.fold_with_report(model)
+    assert [(f.bn, f.into, f.position) for f in report.folded] == [
+        ("base/bn", "base/conv", "after"),
+        ("head_bn", "head", "after"),
+    ]
+    assert type(folded) is type(model) and folded.name == "net"
+    assert isinstance(folded.get_layer("base"), keras.Sequential)
+    assert _bn_names(folded) == [] and _bn_names(model) == ["base/bn", "head_bn"]
+    assert all(a is not b for a, b in zip(folded.weights, model.weights, strict=False))
+    assert all(np.array_equal(a, b) for a, b in zip(before, snapshot(model), strict=True))
+    assert layers_before == [(f.path, f.layer) for f in walk(model)]
+    _assert_same_predict(model, folded, _x((6, 6, 3)))
+
+
+def test_folded_keras_file_loads_without_bnkit(tmp_path) -> None:
+    model = _nested()
+    bk.freeze(model, layers="base/bn")  # a bnkit layer in the input: folded away, the file stays stock
+    folded = bk.fold(model)
+    x = _x((6, 6, 3))
+    path = tmp_path / "folded.keras"
+    folded.save(path)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", model.predict(x, verbose=0))
+    code = (
+        "import sys, numpy as np, keras; d = sys.argv[1]; m = keras.models.load_model(d + '/folded.keras');"
+        "assert 'bnkit' not in sys.modules; layers = [l for l in m._flatten_layers() if l is not m];"
+        "assert all(type(l).__module__.startswith('keras.') for l in layers), [type(l) for l in layers];"
+        "assert not any(isinstance(l, keras.layers.BatchNormalization) for l in layers);"
+        "y = m.predict(np.load(d + '/x.npy'), verbose=0); r = np.load(d + '/y.npy');"
+        "assert np.abs(y - r).max() <= 1e-6 * max(1, np.abs(r).max()), np.abs(y - r).max(); print('ok')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"KERAS_BACKEND": keras.backend.backend(), "PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-1500:]
+
+
+def test_check_failure_names_the_fold_and_leaves_the_model_alone() -> None:
+    model = keras.Sequential([keras.Input((6,)), L.Dense(4, name="fc"), L.BatchNormalization(name="bn")])
+    _randomize(model)
+    model.get_layer("bn").moving_variance.assign(np.full(4, 1e-3, "float32"))  # large scale: rounding shows
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"differs from .* first after folding bn into fc \(after\); the input"):
+        bk.fold(model, check=_x((6,)), atol=0.0, rtol=0.0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, snapshot(model), strict=True))
+    assert _bn_names(model) == ["bn"]
+
+
+def test_check_argument() -> None:
+    model = keras.Sequential([keras.Input((5,)), L.Dense(4), L.BatchNormalization(name="bn")])
+    assert not bk.fold_with_report(model, check=False)[1].checked
+    report = bk.fold_with_report(model, check=_x((5,)))[1]
+    assert report.checked and report.max_abs_diff is not None and report.max_abs_diff <= report.tolerance
+    assert not any("generated" in n for n in report.notes)
+    with pytest.raises(ValueError, match="failed on the check inputs"):
+        bk.fold(model, check=np.zeros((2, 7), "float32"))
+    json.dumps(report.to_dict())
+
+
+def test_no_batchnorm_warns_and_subclassed_models_are_refused() -> None:
+    model = keras.Sequential([keras.Input((3,)), L.Dense(2, name="fc")])
+    with pytest.warns(UserWarning, match="nothing to fold"):
+        folded, report = bk.fold_with_report(model)
+    assert report.folded == [] and report.skipped == [] and any("nothing to fold" in n for n in report.notes)
+    assert folded is not model and [layer.name for layer in folded.layers] == ["fc"]
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = L.Dense(2), L.BatchNormalization()
+
+        def call(self, x):
+            return self.bn(self.fc(x))
+
+    net = Net()
+    net(np.zeros((1, 3), "float32"))
+    with pytest.raises(TypeError, match=r"subclassed model .* fold cannot rebuild"):
+        bk.fold(net)
+    with pytest.raises(TypeError, match="expected a Sequential or functional"):
+        bk.fold(L.BatchNormalization())
+
+
+class Block(L.Layer):
+    """A custom layer holding a conv and a BN: fold copies it as it is."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = L.Conv2D(3, 1, name="conv")
+        self.bn = L.BatchNormalization(name="bn")
+
+    def call(self, x, training=None):
+        return self.bn(self.conv(x), training=training)
+
+
+def test_bn_inside_a_custom_layer_is_reported_and_copied() -> None:
+    inp = keras.Input((4, 4, 3))
+    model = keras.Model(inp, L.BatchNormalization(name="bn_out")(L.Conv2D(3, 1, name="c")(Block(name="block")(inp))))
+    _randomize(model)
+    folded, report = bk.fold_with_report(model)
+    assert [f.bn for f in report.folded] == ["bn_out"]
+    assert [s.bn for s in report.skipped] == ["block/bn"]
+    assert "inside block (Block)" in report.skipped[0].reason
+    assert folded.get_layer("block") is not model.get_layer("block")
+    _assert_same_predict(model, folded, _x((4, 4, 3)))
+
+
+def test_tflite_counts_what_the_converter_leaves() -> None:
+    model = keras.Sequential(
+        [keras.Input((6, 6, 3)), L.BatchNormalization(name="bn0"), L.Conv2D(4, 3, name="conv"), L.ReLU()]
+    )
+    _randomize(model)
+    _, report = bk.fold_with_report(model, tflite=True)
+    if keras.backend.backend() != "tensorflow":
+        assert report.tflite_before is None and any("TFLite counts skipped" in n for n in report.notes)
+        return
+    assert report.tflite_before is not None and report.tflite_after is not None, report.notes
+    assert report.tflite_before["MUL"] + report.tflite_before["ADD"] >= 1  # TFLite leaves BN before a conv
+    assert report.tflite_after == {"MUL": 0, "ADD": 0}
+    assert "TFLite MUL/ADD ops left" in str(report)
