@@ -2,7 +2,7 @@
 
 Keras reads ``KERAS_BACKEND`` once, at import, so the other backends need their own processes. The subset covers
 the behaviour that differs between backends (fit() modes, recompiling, variable restore on JAX, the variance
-probe, the .keras round trip); budget under 60 s per backend.
+probe, the .keras round trip, folding against predict() and TFLite); budget under 60 s per backend.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ SUBSET = [
     "tests/keras/test_freeze.py",
     "tests/keras/test_summary.py::test_seed_network_matches_keras_and_the_documented_figures",
     "tests/keras/test_recalibrate.py",
+    "tests/keras/test_fold.py",
 ]
 
 BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
