@@ -399,24 +399,19 @@ def _check_inputs(model: Any, check: Any, report: KerasFoldReport) -> Any:
 
 
 def _outputs(model: Any, inputs: Any) -> list[np.ndarray]:
-    """``model.predict`` on ``inputs`` in one batch, flattened (a compiled step on TensorFlow and JAX: far faster
-    than an eager call on JAX, whose eager ops compile one by one)."""
+    """The model's inference output (``training=False``, what ``predict`` computes) as NumPy arrays.
+
+    An eager call: on TensorFlow and JAX, compiling a ``predict`` step for each model costs more than it saves.
+    """
     keras = compat.import_keras()
-    batch = max(1, _leading(inputs))
     try:
-        result = model.predict(inputs, batch_size=batch, verbose=0)
+        result = model(inputs, training=False)
     except Exception as error:
         raise ValueError(
             f"bnkit.keras.fold: {model.name} failed on the check inputs ({first_line(error, with_type=True)}); "
             "pass check=<inputs the model accepts> or check=False"
         ) from None
     return [np.asarray(keras.ops.convert_to_numpy(leaf)) for leaf in keras.tree.flatten(result)]
-
-
-def _leading(inputs: Any) -> int:
-    leaves = compat.import_keras().tree.flatten(inputs)
-    shape = getattr(leaves[0], "shape", None) if leaves else None
-    return int(shape[0]) if shape else 1
 
 
 def _tolerances(dtype: np.dtype) -> tuple[float, float]:
