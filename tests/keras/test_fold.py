@@ -157,6 +157,16 @@ def _training_true(x):
     return L.BatchNormalization(name="bn")(L.Conv2D(4, 3, name="conv", **Z)(x), training=True)
 
 
+def _bn_feeds_two(x):
+    y = L.BatchNormalization(name="bn")(x)
+    return L.Add(name="add")([L.Conv2D(2, 1, name="c1", **Z)(y), L.Conv2D(2, 1, name="c2", **Z)(y)])
+
+
+def _channels_mismatch(x):
+    y = L.Conv2D(4, 3, data_format="channels_first", name="conv", **Z)(L.Permute((3, 1, 2))(x))
+    return L.BatchNormalization(axis=-1, name="bn")(y)
+
+
 REFUSALS = [
     ("activation_in_conv", _activation_in_conv, "activation between: conv applies activation='relu'"),
     ("activation_layer", _activation_layer, "activation between: its input comes from relu (ReLU)"),
@@ -165,6 +175,8 @@ REFUSALS = [
     ("several_consumers", _several_consumers, "several consumers: conv's output also feeds add"),
     ("before_same_padding", _before_same_padding, "BN before a zero-padded conv: conv uses padding='same'"),
     ("training_true", _training_true, "called with training=True when the model was built"),
+    ("bn_feeds_two", _bn_feeds_two, "several consumers: its output feeds c1, c2"),
+    ("channels_mismatch", _channels_mismatch, "the BN normalises axis 3, conv's channels are on axis 1"),
 ]
 
 
@@ -179,6 +191,37 @@ def test_each_refusal_names_its_reason_and_keeps_the_bn(body, reason) -> None:
     assert reason in report.skipped[0].reason, report.skipped[0].reason
     assert _bn_names(folded) == ["bn"]
     np.testing.assert_array_equal(model.predict(_x(shape), verbose=0), folded.predict(_x(shape), verbose=0))
+
+
+@pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="TensorFlow's CPU conv is channels_last only")
+def test_channels_first_conv_folds_with_a_bn_on_axis_1() -> None:
+    model = keras.Sequential(
+        [
+            keras.Input((3, 6, 6)),
+            L.BatchNormalization(axis=1, name="bn_in"),
+            L.Conv2D(4, 3, data_format="channels_first", name="conv", **Z),
+            L.BatchNormalization(axis=1, name="bn_out"),
+        ]
+    )
+    _randomize(model)
+    folded, report = bk.fold_with_report(model)
+    assert [(f.bn, f.position) for f in report.folded] == [("bn_in", "before"), ("bn_out", "after")]
+    _assert_same_predict(model, folded, _x((3, 6, 6)))
+
+
+def test_compiled_multi_input_model_stays_functional_and_compiled() -> None:
+    a, b = keras.Input((4,), name="a"), keras.Input((6, 3), name="b")
+    x = L.BatchNormalization(name="bna")(L.Dense(3, name="fa", **Z)(a))
+    y = L.GlobalAveragePooling1D()(L.BatchNormalization(name="bnb")(L.Conv1D(3, 2, name="cb", **Z)(b)))
+    model = keras.Model([a, b], {"z": L.Concatenate()([x, y]), "x": x})
+    _randomize(model)
+    model.compile("sgd", "mse")
+    folded, report = bk.fold_with_report(model)
+    assert sorted(f.bn for f in report.folded) == ["bna", "bnb"] and folded.compiled
+    inputs = [_x((4,)), _x((6, 3))]
+    ref, out = model.predict(inputs, verbose=0), folded.predict(inputs, verbose=0)
+    for key in ("z", "x"):
+        assert np.abs(ref[key] - out[key]).max() <= 1e-6 * max(1.0, float(np.abs(ref[key]).max()))
 
 
 def _nested() -> keras.Model:

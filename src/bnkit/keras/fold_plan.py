@@ -328,10 +328,10 @@ class _Planner:
         tensor = call.outputs[0]
         consumers = self.graph.consumers.get(tensor, [])
         names = [c.layer.name for c in consumers] + (["the model output"] if tensor in self.graph.outputs else [])
-        if len(names) != 1 or not consumers:
-            if not names:
-                return None, "before: its output feeds nothing"
-            return None, f"before: several consumers ({', '.join(names)})"
+        if not consumers:
+            return None, "before: its output is the model output" if names else "before: its output feeds nothing"
+        if len(names) > 1:
+            return None, f"several consumers: its output feeds {', '.join(names)}"
         consumer = consumers[0]
         layer = consumer.layer
         kind = layer_kind(layer)

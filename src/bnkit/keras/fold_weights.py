@@ -86,7 +86,7 @@ def scale_shift(bn: Any) -> tuple[np.ndarray, np.ndarray]:
     Example:
         >>> keras = compat.import_keras()
         >>> bn = keras.layers.BatchNormalization(epsilon=0.0, center=False); bn.build((None, 2))
-        >>> bn.moving_variance.assign([4.0, 0.25]); bn.moving_mean.assign([1.0, 1.0])
+        >>> _ = bn.moving_variance.assign([4.0, 0.25]), bn.moving_mean.assign([1.0, 1.0])
         >>> [v.tolist() for v in scale_shift(bn)]
         [[0.5, 2.0], [-0.5, -2.0]]
     """

@@ -187,7 +187,7 @@ def fold_with_report(
         >>> print(report)  # doctest: +ELLIPSIS
         folded 1 BatchNormalization layer(s), skipped 1
           folded  bn0 -> fc (before)
-          skipped bn1: activation between: its input comes from relu (ReLU); before: its output feeds the model output
+          skipped bn1: activation between: its input comes from relu (ReLU); before: its output is the model output
           note: check on generated inputs of shape (2, 4)
           check: max |folded - original| = ... <= ...
     """
@@ -297,7 +297,10 @@ class _Rebuild:
             source = model.inputs[0]
             layers = [self.layer(layer) for layer in model.layers if id(layer) not in self.dropped]
             start = keras.Input(batch_shape=tuple(source.shape), dtype=source.dtype, name=source.name)
-            return keras.Sequential([start, *layers], name=model.name)
+            new = keras.Sequential([start, *layers], name=model.name)
+            if model.compiled:  # as keras.models.clone_model does for functional models
+                new.compile_from_config(model.get_compile_config())
+            return new
 
         def call(layer: Any, *args: Any, **kwargs: Any) -> Any:
             if id(layer) in self.dropped:
