@@ -18,6 +18,8 @@ listing its BNs as skipped with that reason.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -498,7 +500,7 @@ def tflite_ops(model: Any) -> dict[str, int]:
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # Keras's export prints signatures
         warnings.simplefilter("ignore")
         content = converter.convert()
         interpreter = tf.lite.Interpreter(model_content=content)
