@@ -376,7 +376,6 @@ def _check_inputs(model: Any, check: Any, report: KerasFoldReport) -> Any:
         return None
     if check is not None and check is not True:
         return check
-    keras = compat.import_keras()
     rng = np.random.default_rng(0)
     problem = ""
     for size in _SIZES:
@@ -396,7 +395,6 @@ def _check_inputs(model: Any, check: Any, report: KerasFoldReport) -> Any:
         shapes = ", ".join(str(a.shape) for a in arrays)
         report.notes.append(f"check on generated inputs of shape {shapes}")
         return inputs
-    del keras
     raise ValueError(
         f"bnkit.keras.fold: cannot generate inputs for {model.name} from its input shapes ({problem}); "
         "pass check=<inputs> or check=False"
