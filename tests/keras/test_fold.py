@@ -10,6 +10,8 @@ import zipfile
 import keras
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bnkit.keras as bk
 from bnkit.keras import compat
@@ -102,6 +104,33 @@ def test_fold_matches_predict_on_every_layer_kind(shape, make, before) -> None:
     assert [layer.name for layer in folded.layers] == ["layer", "relu"]
     assert folded.get_layer("layer").use_bias
     _assert_same_predict(model, folded, _x(shape))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="varied shapes run in the main (torch) run only")
+@settings(max_examples=12)
+@given(
+    kind=st.sampled_from(["conv", "depthwise", "separable", "transpose"]),
+    groups=st.sampled_from([1, 2]),
+    kernel=st.integers(1, 3),
+    strides=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    length=st.integers(7, 10),
+    seed=st.integers(0, 2**16),
+)
+def test_varied_1d_layers_fold_both_ways(kind, groups, kernel, strides, dilation, length, seed) -> None:
+    strides = 1 if dilation > 1 else strides  # Keras refuses strides > 1 with dilation > 1
+    make = {
+        "conv": lambda: L.Conv1D(4, kernel, strides, groups=groups, dilation_rate=dilation, name="layer", **Z),
+        "depthwise": lambda: L.DepthwiseConv1D(kernel, strides, depth_multiplier=groups, name="layer", **DW),
+        "separable": lambda: L.SeparableConv1D(3, kernel, strides, depth_multiplier=groups, name="layer", **SEP),
+        "transpose": lambda: L.Conv1DTranspose(3, kernel, strides, name="layer", **Z),
+    }[kind]
+    before = [] if kind == "transpose" else [L.BatchNormalization(name="bn_in")]
+    model = keras.Sequential([keras.Input((length, 4)), *before, make(), L.BatchNormalization(name="bn_out")])
+    _randomize(model, seed)
+    folded, report = bk.fold_with_report(model)
+    assert len(report.folded) == 1 + len(before) and _bn_names(folded) == []
+    _assert_same_predict(model, folded, _x((length, 4), seed))
 
 
 def test_chain_of_bns_and_scale_center_false_fold_into_one_dense() -> None:
