@@ -222,6 +222,24 @@ def test_each_refusal_names_its_reason_and_keeps_the_bn(body, reason) -> None:
     np.testing.assert_array_equal(model.predict(_x(shape), verbose=0), folded.predict(_x(shape), verbose=0))
 
 
+def test_training_true_recorded_on_a_container_keeps_its_bns_unless_they_are_frozen() -> None:
+    base = keras.Sequential(
+        [keras.Input((4,)), L.Dense(3, name="fc", **Z), L.BatchNormalization(name="bn")], name="base"
+    )
+    inp = keras.Input((4,))
+    model = keras.Model(inp, base(inp, training=True))
+    _randomize(model)
+    with pytest.warns(UserWarning, match="could be folded"):
+        report = bk.fold_with_report(model)[1]
+    assert [s.bn for s in report.skipped] == ["base/bn"] and "training=True" in report.skipped[0].reason
+    base.get_layer("bn").trainable = False  # inference mode whatever training says: folds
+    folded, report = bk.fold_with_report(model)
+    assert [f.bn for f in report.folded] == ["base/bn"]
+    x = _x((4,))
+    ref = keras.ops.convert_to_numpy(model(x))  # a plain call, training=True recorded
+    assert np.abs(keras.ops.convert_to_numpy(folded(x)) - ref).max() <= 1e-6 * max(1.0, float(np.abs(ref).max()))
+
+
 @pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="TensorFlow's CPU conv is channels_last only")
 def test_channels_first_conv_folds_with_a_bn_on_axis_1() -> None:
     model = keras.Sequential(

@@ -9,8 +9,8 @@ instead of a wrong fold.
 Rules, per BatchNormalization call (paths are ``/``-joined layer names, as everywhere in bnkit.keras):
 
 - The BN is stock Keras (or ``bnkit.keras.BatchNormalization``, the same map in inference), called once in its
-  container, and not recorded with ``training=True`` at construction (it would use batch statistics in
-  ``predict``).
+  container, and not recorded with ``training=True`` at construction, on itself or on a container's call (a
+  plain ``model(x)`` would then use batch statistics; ``predict`` overrides it).
 - AFTER: its input comes from a Conv1D/2D/3D (any groups), DepthwiseConv1D/2D, SeparableConv1D/2D,
   Conv1D/2D/3DTranspose or Dense layer (or from a BN already folded into one) that is called once, has no
   activation of its own (it would sit between the layer and the BN), whose output feeds nothing else, and whose
@@ -221,8 +221,11 @@ def _describe(layer: Any) -> str:
 class _Planner:
     """Plans one container; nested containers get their own planner."""
 
-    def __init__(self, model: Any, prefix: str, plan: Plan, seen: set[int], times: dict[int, int]) -> None:
+    def __init__(
+        self, model: Any, prefix: str, plan: Plan, seen: set[int], times: dict[int, int], training: Any = None
+    ) -> None:
         self.model, self.prefix, self.plan, self.seen, self.times = model, prefix, plan, seen, times
+        self.training = training  # recorded on the call of this container in the one above (the outermost wins)
         self.graph = read_graph(model)
         self.folded_into: dict[int, Call] = {}  # id(BN call) -> call of the layer it was folded into (after)
 
@@ -231,7 +234,8 @@ class _Planner:
             layer = call.layer
             if is_graph_model(layer) and id(layer) not in self.seen:
                 self.seen.add(id(layer))
-                _Planner(layer, f"{self.prefix}{layer.name}/", self.plan, self.seen, self.times).run()
+                training = self.training if self.training is not None else call.training
+                _Planner(layer, f"{self.prefix}{layer.name}/", self.plan, self.seen, self.times, training).run()
             elif compat.is_batchnorm(layer):
                 self._batchnorm(call)
 
@@ -272,9 +276,11 @@ class _Planner:
 
         if type(bn).call not in (keras.layers.BatchNormalization.call, BatchNormalization.call):
             return f"{type(bn).__name__} overrides call(): its inference map is not known to be the stock one"
-        if call.training is True:
+        training = self.training if self.training is not None else call.training
+        if training is True and bn.trainable and not getattr(bn, "freeze_stats", False):
             return (
-                "called with training=True when the model was built: it normalises with batch statistics in predict()"
+                "called with training=True when the model was built: a plain model(x) call normalises with batch "
+                "statistics (predict() does not), which the folded model cannot do"
             )
         if not bn.built:
             return f"{bn.name} is not built"
