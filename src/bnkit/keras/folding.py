@@ -18,8 +18,6 @@ listing its BNs as skipped with that reason.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -30,10 +28,11 @@ import numpy as np
 from bnkit.keras import compat
 from bnkit.keras.find import check_model, walk
 from bnkit.keras.fold_plan import Fold, is_graph_model, plan_model
+from bnkit.keras.fold_tflite import tflite_counts
 from bnkit.keras.fold_weights import fold_after, fold_before, layer_weights, scale_shift
 from bnkit.shared.errors import first_line
 
-__all__ = ["KerasFoldRecord", "KerasFoldReport", "KerasSkipRecord", "fold", "fold_with_report", "tflite_ops"]
+__all__ = ["KerasFoldRecord", "KerasFoldReport", "KerasSkipRecord", "fold", "fold_with_report"]
 
 _SIZES = (16, 32, 64)  # spatial sizes tried for unknown input dimensions when inputs are generated
 
@@ -227,7 +226,9 @@ def fold_with_report(
             "(bnkit.keras.unfreeze makes them stock)"
         )
     if tflite:
-        _tflite_report(model, folded, report)
+        report.tflite_before, report.tflite_after, note = tflite_counts(model, folded)
+        if note:
+            report.notes.append(note)
     return folded, report
 
 
@@ -468,46 +469,3 @@ def _culprit(
     except Exception:  # best effort: the main error is raised anyway
         return ""
     return ""
-
-
-# ---------------------------------------------------------------------------------------------- TFLite
-
-
-def _tflite_report(model: Any, folded: Any, report: KerasFoldReport) -> None:
-    if compat.backend() != "tensorflow":
-        report.notes.append(f"TFLite counts skipped: the Keras backend is {compat.backend()}, not tensorflow")
-        return
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError:
-        report.notes.append("TFLite counts skipped: tensorflow is not installed")
-        return
-    try:
-        report.tflite_before = tflite_ops(model)
-        report.tflite_after = tflite_ops(folded)
-    except Exception as error:  # the converter's failures are many; the fold itself is done
-        report.tflite_before = report.tflite_after = None
-        report.notes.append(f"TFLite counts skipped: the converter failed ({first_line(error, with_type=True)})")
-
-
-def tflite_ops(model: Any) -> dict[str, int]:
-    """The MUL and ADD ops left when ``tf.lite.TFLiteConverter`` converts ``model`` (TensorFlow backend).
-
-    A BN the converter could not fold shows as a MUL and/or an ADD; Add layers (residuals) count as ADD too.
-    Reads the op list with ``tf.lite.Interpreter._get_ops_details`` (private; the one TF call that lists them).
-
-    Example:
-        >>> keras = compat.import_keras()
-        >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-        >>> tflite_ops(m) if compat.backend() == "tensorflow" else {"MUL": 0, "ADD": 0}
-        {'MUL': 0, 'ADD': 0}
-    """
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # Keras's export prints signatures
-        warnings.simplefilter("ignore")
-        content = converter.convert()
-        interpreter = tf.lite.Interpreter(model_content=content)
-    names = [str(op["op_name"]) for op in interpreter._get_ops_details()]
-    return {"MUL": names.count("MUL"), "ADD": names.count("ADD")}
