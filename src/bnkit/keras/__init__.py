@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "KerasFreezeReport": "bnkit.keras.freezing",
     "recalibrate": "bnkit.keras.recalibration",
     "KerasRecalibrationReport": "bnkit.keras.recalibration",
+    "Monitor": "bnkit.keras.monitoring",
 }
 
 __all__ = sorted(_EXPORTS)
