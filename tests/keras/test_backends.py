@@ -2,7 +2,7 @@
 
 Keras reads ``KERAS_BACKEND`` once, at import, so the other backends need their own processes. The subset covers
 the behaviour that differs between backends (fit() modes, recompiling, variable restore on JAX, the variance
-probe, the .keras round trip); budget under 60 s per backend.
+probe, the .keras round trip, the monitor reading variables during fit()); budget under 60 s per backend.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ SUBSET = [
     "tests/keras/test_freeze.py",
     "tests/keras/test_summary.py::test_seed_network_matches_keras_and_the_documented_figures",
     "tests/keras/test_recalibrate.py",
+    # Monitor: reading the variables during fit() (JAX keeps them in the trainer's state), inference-mode layers,
+    # steps_per_execution (refused on torch).
+    "tests/keras/test_monitor.py::test_every_reads_the_step_before_the_recorded_one",
+    "tests/keras/test_monitor.py::test_layers_in_inference_mode_are_marked_and_have_no_batch_statistics",
+    "tests/keras/test_monitor.py::test_bad_arguments_and_steps_per_execution",
 ]
 
 BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
