@@ -30,8 +30,8 @@ import numpy as np
 from bnkit.keras import compat
 from bnkit.keras.find import select_batchnorms
 from bnkit.shared.alerts import Alert, AlertRules, MonitorWarning, Thresholds, as_thresholds
-from bnkit.shared.monitor_log import JSONL_NAME, QUANTITIES, meta_record
-from bnkit.shared.monitor_stats import pack, summarize
+from bnkit.shared.monitor_log import HISTOGRAMS, JSONL_NAME, QUANTITIES, meta_record
+from bnkit.shared.monitor_stats import summarize
 from bnkit.shared.monitor_writer import TENSORBOARD_MISSING, EventWriter, LogWriter
 from bnkit.shared.selection import Selector, check_selector
 
@@ -45,7 +45,7 @@ _BATCH_FIELDS = ("batch_mean", "batch_var", "batch_var_min", "batch_var_max", "d
 class _Watched:
     """One watched layer: its variables and the constants of its update rule."""
 
-    __slots__ = ("eps", "factor", "layer", "momentum", "name", "variables")
+    __slots__ = ("channels", "eps", "factor", "layer", "momentum", "name", "renorm", "variables")
 
     def __init__(self, name: str, layer: Any) -> None:
         self.name = name
@@ -55,10 +55,74 @@ class _Watched:
         # Keras multiplies float32 variables by the Python floats m and (1 - m): the update used their float32
         # roundings, so the recovery divides by the same numbers.
         self.factor = (float(np.float32(self.momentum)), float(np.float32(1.0 - self.momentum)))
-        renorm = bool(getattr(layer, "renorm", False)) and getattr(layer, "moving_stddev", None) is not None
-        # Read order: moving mean, moving variance, the variable the variance is recovered from, gamma, beta.
-        self.variables = [layer.moving_mean, layer.moving_variance, layer.moving_stddev if renorm else None]
+        self.renorm = bool(getattr(layer, "renorm", False)) and getattr(layer, "moving_stddev", None) is not None
+        self.channels = int(np.prod(layer.moving_mean.shape))
+        # moving mean, moving variance, the moving stddev (renorm), gamma, beta: None where the layer has none.
+        self.variables = [layer.moving_mean, layer.moving_variance, layer.moving_stddev if self.renorm else None]
         self.variables += [layer.gamma if layer.scale else None, layer.beta if layer.center else None]
+
+
+class _Group:
+    """One variable of every watched layer (all moving means, ...) in the flat per-channel layout of all layers.
+
+    ``positions`` are the channel positions of the layers that have the variable; the others get NaN.
+    """
+
+    def __init__(self, watched: list[_Watched], k: int, total: int, starts: np.ndarray) -> None:
+        chosen = [i for i, w in enumerate(watched) if w.variables[k] is not None]
+        self.variables = [watched[i].variables[k] for i in chosen]
+        self.size = sum(watched[i].channels for i in chosen)
+        self.total = total
+        self.full = len(chosen) == len(watched)
+        self.positions = np.concatenate(
+            [np.arange(starts[i], starts[i] + watched[i].channels) for i in chosen] or [np.zeros(0, np.int64)]
+        )
+
+    def place(self, flat: np.ndarray) -> np.ndarray | None:
+        """This group's values (``flat``) at their channel positions; None when no layer has the variable."""
+        if not self.variables:
+            return None
+        if self.full:
+            return flat
+        out = np.full(self.total, np.nan)
+        out[self.positions] = flat
+        return out
+
+
+def _reader(model: Any, variables: list[Any]) -> Any:
+    """A function returning the values of ``variables`` as one flat float64 NumPy vector, with as few backend
+    calls as the backend allows (one TF graph call; on JAX the values ``fit()`` holds in ``model._jax_state``)."""
+    if not variables:
+        return lambda: np.zeros(0)
+    backend = compat.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        handles = [v.value for v in variables]
+
+        @tf.function(autograph=False, reduce_retracing=True)
+        def read_all() -> Any:
+            return tf.concat([tf.reshape(tf.cast(h, tf.float32), [-1]) for h in handles], 0)
+
+        return lambda: np.asarray(read_all().numpy(), dtype=np.float64)
+    index = {}
+    for kind in ("trainable_variables", "non_trainable_variables"):
+        for i, variable in enumerate(getattr(model, kind, [])):
+            index[id(variable)] = (kind, i)
+    where = [index.get(id(v), (None, -1)) for v in variables]
+
+    def read() -> np.ndarray:
+        state = getattr(model, "_jax_state", None)
+        if not state or getattr(model, "_jax_state_synced", True):
+            state = None
+        values = []
+        for variable, (kind, i) in zip(variables, where, strict=True):
+            held = state.get(kind) if state is not None and kind is not None else None
+            value = held[i] if held else variable.value
+            values.append(np.asarray(keras.ops.convert_to_numpy(value), dtype=np.float64).reshape(-1))
+        return np.concatenate(values)
+
+    return read
 
 
 class Monitor(keras.callbacks.Callback):
@@ -171,7 +235,9 @@ class Monitor(keras.callbacks.Callback):
         self._log = LogWriter("bnkit.keras.Monitor")
         self._old: list[list[np.ndarray | None]] | None = None
         self._recover = True
-        self._index: dict[int, tuple[str, int]] = {}
+        self._groups: list[_Group] = []
+        self._readers: dict[tuple[Any, ...], Any] = {}
+        self._reading: dict[int, Any] = {}
         self._base_steps = 0
         self._fit_start = 0
 
@@ -198,10 +264,22 @@ class Monitor(keras.callbacks.Callback):
             )
         self._watched = [_Watched(f.path, f.layer) for f in found]
         self.layers = [w.name for w in self._watched]
-        self._index = {}
-        for kind in ("trainable_variables", "non_trainable_variables"):
-            for i, variable in enumerate(getattr(model, kind, [])):
-                self._index[id(variable)] = (kind, i)
+        lengths = np.array([w.channels for w in self._watched], dtype=np.int64)
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        total = int(lengths.sum())
+        self._lengths, self._starts = lengths, starts
+        self._groups = [_Group(self._watched, k, total, starts) for k in range(5)]
+        for count in (3, 5):  # kept across fit() calls: a TensorFlow reader is traced once
+            variables = [v for g in self._groups[:count] for v in g.variables]
+            key = (count, id(model), tuple(id(v) for v in variables))
+            if key not in self._readers:
+                self._readers = {k: r for k, r in self._readers.items() if k[0] != count}
+                self._readers[key] = _reader(model, variables)
+            self._reading[count] = self._readers[key]
+        m, c = np.array([w.factor for w in self._watched]).T
+        self._m, self._c = np.repeat(m, lengths), np.repeat(c, lengths)
+        self._eps = np.repeat([w.eps for w in self._watched], lengths)
+        self._renorm = np.repeat([w.renorm for w in self._watched], lengths)
         spe = getattr(model, "steps_per_execution", 1)
         self._recover = not (isinstance(spe, int) and spe > 1)
         if not self._recover:
@@ -256,92 +334,82 @@ class Monitor(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ reading the variables
 
-    def _read(self, moving_only: bool) -> list[list[np.ndarray | None]]:
-        """The variables of every watched layer as float64 NumPy (None where absent); gamma/beta unless
-        ``moving_only``."""
-        model = self.model
-        state = getattr(model, "_jax_state", None)
-        if not state or getattr(model, "_jax_state_synced", True):
-            state = None
-        out = []
-        for watched in self._watched:
-            values: list[np.ndarray | None] = []
-            for k, variable in enumerate(watched.variables):
-                if variable is None or (moving_only and k >= 3):
-                    values.append(None)
-                    continue
-                value = None
-                if state is not None:
-                    kind, i = self._index.get(id(variable), (None, -1))
-                    held = state.get(kind) if kind else None
-                    if held:
-                        value = held[i]
-                if value is None:
-                    value = variable.value
-                values.append(np.asarray(keras.ops.convert_to_numpy(value), dtype=np.float64).reshape(-1))
-            out.append(values)
-        return out
+    def _read(self, moving_only: bool) -> list[np.ndarray | None]:
+        """Flat per-channel vectors of every watched layer (one backend call): moving mean, moving variance,
+        moving stddev (NaN outside renorm layers; None without any), and unless ``moving_only`` gamma and beta
+        (NaN where absent, None when no layer has them)."""
+        count = 3 if moving_only else 5
+        flat = self._reading[count]()
+        out: list[np.ndarray | None] = []
+        start = 0
+        for group in self._groups[:count]:
+            out.append(group.place(flat[start : start + group.size]))
+            start += group.size
+        return out + [None] * (5 - count)
 
     # ------------------------------------------------------------------ records
 
-    def _record(self, step: int, old: list[list[np.ndarray | None]], new: list[list[np.ndarray | None]]) -> None:
+    def _record(self, step: int, old: list[np.ndarray | None], new: list[np.ndarray | None]) -> None:
         now = time.time()
-        packed, lengths, moved_flags, channel_vectors = [], [], [], []
-        for watched, before, after in zip(self._watched, old, new, strict=True):
-            old_mean, old_var, old_std = before[:3]
-            new_mean, new_var, new_std = after[:3]
-            moved = not (np.array_equal(old_mean, new_mean) and np.array_equal(old_var, new_var))
-            vectors: dict[str, np.ndarray] = {"running_mean": old_mean, "running_var": old_var}
-            m, c = watched.factor
-            if moved and self._recover and c > 0:
-                vectors["batch_mean"] = (new_mean - m * old_mean) / c
-                if old_std is not None:
-                    std = (new_std - m * old_std) / c
-                    vectors["batch_var"] = np.maximum(std * std - watched.eps, 0.0)
-                else:
-                    vectors["batch_var"] = np.maximum((new_var - m * old_var) / c, 0.0)
-            if after[3] is not None:
-                vectors["weight"] = after[3]
-            if after[4] is not None:
-                vectors["bias"] = after[4]
-            packed.append(pack(vectors, old_mean.size))
-            lengths.append(old_mean.size)
-            moved_flags.append(moved)
-            channel_vectors.append(vectors)
-        table = summarize(np.concatenate(packed, axis=1), lengths, [w.eps for w in self._watched])
-        records, alerts, histograms = [], [], []
+        old_mean, old_var, old_std = old[:3]
+        new_mean, new_var, new_std, gamma, beta = new
+        changed = (old_mean != new_mean) | (old_var != new_var)
+        moved = np.logical_or.reduceat(changed, self._starts)
+        use = np.repeat(moved, self._lengths) & (self._c > 0) & self._recover
+        nan = np.full(old_mean.shape, np.nan)
+        with np.errstate(all="ignore"):
+            batch_mean = np.where(use, (new_mean - self._m * old_mean) / self._c, nan)
+            batch_var = np.maximum((new_var - self._m * old_var) / self._c, 0.0)
+            if old_std is not None:
+                std = (new_std - self._m * old_std) / self._c
+                batch_var = np.where(self._renorm, np.maximum(std * std - self._eps, 0.0), batch_var)
+            batch_var = np.where(use, batch_var, nan)
+        gamma = nan if gamma is None else gamma
+        beta = nan if beta is None else beta
+        packed = np.stack((batch_mean, batch_var, old_mean, old_var, gamma, beta))
+        table = summarize(packed, self._lengths, [w.eps for w in self._watched])
+        records, alerts = [], []
         seen = self._base_steps + step - self._fit_start
-        for watched, row, moved, vectors in zip(
-            self._watched, table.tolist(), moved_flags, channel_vectors, strict=True
-        ):
+        histogram = self._log.tensorboard is not None and self.histogram_every and step % self.histogram_every == 0
+        splits = np.split(packed, self._starts[1:], axis=1)
+        vectors: list[tuple[str, np.ndarray]] = []
+        for i, (watched, row) in enumerate(zip(self._watched, table.tolist(), strict=True)):
+            recovered = bool(use[self._starts[i]])
             record: dict[str, Any] = {
                 "kind": "stats",
                 "step": step,
                 "time": now,
                 "layer": watched.name,
-                "uses_batch_stats": moved,
-                "channels": len(vectors["running_mean"]),
+                "uses_batch_stats": bool(moved[i]),
+                "channels": watched.channels,
                 "count": None,
                 "num_batches_tracked": None,
             }
             record.update(zip(QUANTITIES, row, strict=True))
-            if "batch_mean" not in vectors:
+            if not recovered:
                 record.update(dict.fromkeys(_BATCH_FIELDS))
-            if "weight" not in vectors:
+            if watched.variables[3] is None:
                 record["weight_norm"] = None
-            if "bias" not in vectors:
+            if watched.variables[4] is None:
                 record["bias_norm"] = None
             records.append(record)
             alerts += self._rules.check(watched.name, watched.eps, seen, record, stacklevel=3)
             self.last[watched.name] = record
-            self.last_channels[watched.name] = {k: v for k, v in vectors.items() if k not in ("weight", "bias")}
-            if self.histogram_every and step % self.histogram_every == 0:
+            rows = splits[i]
+            channels = {"running_mean": rows[2], "running_var": rows[3]}
+            if recovered:
+                channels.update(batch_mean=rows[0], batch_var=rows[1])
+            self.last_channels[watched.name] = channels
+            if histogram:
                 tag_layer = watched.name or "(model)"
-                histograms += [(f"bn_hist_{key}/{tag_layer}", value) for key, value in vectors.items()]
+                present = [
+                    k for k in range(6) if (k >= 2 or recovered) and (k < 4 or watched.variables[k - 1] is not None)
+                ]
+                vectors += [(f"bn_hist_{HISTOGRAMS[k]}/{tag_layer}", rows[k]) for k in present]
         if self.keep_history:
             self.history.extend(records)
         self._log.raise_error()
-        self._log.submit(records, alerts, histograms if self._log.tensorboard is not None else [], step, now)
+        self._log.submit(records, alerts, vectors, step, now)
 
     # ------------------------------------------------------------------ outputs
 
@@ -352,7 +420,7 @@ class Monitor(keras.callbacks.Callback):
             {
                 "name": w.name,
                 "type": type(w.layer).__name__,
-                "channels": int(w.variables[0].shape[0]),
+                "channels": w.channels,
                 "eps": w.eps,
                 "momentum": w.momentum,
             }
