@@ -67,11 +67,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         for name in names:  # warm-up: compile/trace the train step, open the files once
             run(name)
+        print(f"backend {keras.backend.backend()}: warm", flush=True)
         times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(args.rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 times[name].append(run(name) / args.steps)
+            paired = "  ".join(f"{n} {times[n][-1] / times['plain'][-1]:.3f}" for n in names if n != "plain")
+            print(f"  round {r + 1}: plain {times['plain'][-1] * 1e3:.1f} ms/step, ratios {paired}", flush=True)
         records = {name: len(m.last) for name, m in monitors.items() if m is not None}
 
     ratios = {

@@ -263,3 +263,30 @@ def test_bad_arguments_and_steps_per_execution() -> None:
         _fit(model, x, y, monitor)
     assert any("steps_per_execution=2" in str(w.message) for w in caught)
     assert monitor.history and all(r["batch_mean"] is None and r["running_var"] is not None for r in monitor.history)
+
+
+def test_jax_run_writes_tensorboard_and_plots_without_tensorflow_or_torch(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import numpy as np, keras\n"
+        "import bnkit.keras as bk\n"
+        "from bnkit.monitor import plot\n"
+        "m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization(name='bn')])\n"
+        "m.compile('sgd', 'mse')\n"
+        f"mon = bk.Monitor({str(tmp_path)!r}, tensorboard=True, warn=False)\n"
+        "m.fit(np.ones((8, 3), 'float32'), np.zeros((8, 4), 'float32'), batch_size=4, callbacks=[mon], verbose=0)\n"
+        f"plot({str(tmp_path)!r}, {str(tmp_path / 'bn.png')!r}, size=(4, 3), dpi=30)\n"
+        "loaded = sorted(k for k in ('torch', 'tensorflow') if k in sys.modules)\n"
+        "assert not loaded, loaded\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(root / "src"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    assert any(p.name.startswith("events.out.tfevents.") for p in tmp_path.iterdir())
+    assert (tmp_path / "bn.png").is_file()

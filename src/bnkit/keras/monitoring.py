@@ -233,7 +233,7 @@ class Monitor(keras.callbacks.Callback):
         self.layers: list[str] = []
         self._watched: list[_Watched] = []
         self._log = LogWriter("bnkit.keras.Monitor")
-        self._old: list[list[np.ndarray | None]] | None = None
+        self._old: list[np.ndarray | None] | None = None
         self._recover = True
         self._groups: list[_Group] = []
         self._readers: dict[tuple[Any, ...], Any] = {}
