@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "fold_with_report": "bnkit.keras.folding",
     "KerasFoldReport": "bnkit.keras.folding",
     "transfer_weights": "bnkit.transfer.port",  # lives above bnkit.keras (it needs torch); imported on first use
+    "Monitor": "bnkit.keras.monitoring",
 }
 
 __all__ = sorted(_EXPORTS)
