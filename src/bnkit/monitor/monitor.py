@@ -37,8 +37,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-from bnkit.layers.find import LayerSelector, named_batchnorms
+from bnkit.layers.find import LayerSelector
 from bnkit.layers.keras_guard import refuse_keras
+from bnkit.layers.kinds import describe_batchnorm, named_batchnorm_like, warn_unrecognised
 from bnkit.monitor.statistics import STATE_KEYS, Layer, Pending, channel_moments, summarize
 from bnkit.shared.alerts import Alert, AlertRules, MonitorWarning, Thresholds, as_thresholds
 from bnkit.shared.monitor_log import HISTOGRAMS, JSONL_NAME, QUANTITIES, meta_record, read_log
@@ -160,16 +161,25 @@ class Monitor:
         if tensorboard is not None and not isinstance(tensorboard, bool):
             raise TypeError(f"Monitor: tensorboard must be True, False or None, got {tensorboard!r}")
         self.thresholds = as_thresholds(thresholds)
-        selected = named_batchnorms(model, layers)
+        selected = named_batchnorm_like(model, layers)
         if not selected:
             what = "has no BatchNorm layer" if layers is None else f"has no BatchNorm layer matching {layers!r}"
-            raise ValueError(f"Monitor: the model {what}; pass a model with BatchNorm layers or another layers=")
+            unknown = warn_unrecognised(model, "Monitor") if layers is None else []
+            hint = (
+                f" (modules with running statistics bnkit does not recognise: {', '.join(unknown)})" if unknown else ""
+            )
+            raise ValueError(
+                f"Monitor: the model {what}{hint}; pass a model with BatchNorm layers, another layers=, or teach "
+                "bnkit the layer with bnkit.register_batchnorm"
+            )
+        if layers is None:
+            warn_unrecognised(model, "Monitor")
         self.model = model
         self.every = every
         self.histogram_every = 10 * every if histogram_every is None else histogram_every
         self.warn = warn
         self.auto_step = auto_step
-        self._layers = [Layer(name, module) for name, module in selected]
+        self._layers = [Layer(name, info.module, info) for name, info in selected]
         self._by_id = {id(layer.module): layer for layer in self._layers}
         self.layers: list[str] = [layer.name for layer in self._layers]
 
@@ -339,10 +349,14 @@ class Monitor:
         keys, tensors = [], []
         # The registries first: nn.Module.__getattr__ costs more than the rest of this hook.
         buffers, params = module._buffers, module._parameters
+        info = describe_batchnorm(module) if layer.registered else None
         for key in STATE_KEYS:
-            value = buffers.get(key) if key in buffers else params.get(key) if key in params else None
-            if value is None and key not in buffers and key not in params:
-                value = getattr(module, key, None)
+            if info is not None:
+                value = getattr(info, key)
+            else:
+                value = buffers.get(key) if key in buffers else params.get(key) if key in params else None
+                if value is None and key not in buffers and key not in params:
+                    value = getattr(module, key, None)
             if isinstance(value, Tensor):
                 keys.append(key)
                 tensors.append(value.detach())
@@ -384,8 +398,8 @@ class Monitor:
             mask = None
             # Read after the call, so a hook that ran the layer in inference mode for this call (bnkit.freeze
             # restores the flag only after global hooks) is seen with the flag it actually used.
-            uses_batch = bool(module.training) or getattr(module, "running_mean", None) is None
-            axis = 1
+            uses_batch = not layer.fixed and (bool(module.training) or getattr(module, "running_mean", None) is None)
+            axis = layer.channel_axis % x.ndim
         with torch.no_grad():
             stats, pending.raw, pending.count = _channel_moments(x.detach(), axis, mask, layer.eps)
             pending.pack(stats)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bnkit.layers.kinds import KINDS, BatchNormInfo, describe_batchnorm
 from bnkit.shared import monitor_stats
 
 __all__ = ["ROWS", "STATE_KEYS", "Layer", "Pending", "channel_moments", "summarize"]
@@ -27,6 +28,10 @@ _VAR_REL_TOL = 1e-3
 _INNER_MIN = 32
 
 
+#: Kinds whose statistics and gamma/beta sit under torch's attribute names (every built-in kind).
+_STANDARD_NAMES_KINDS = frozenset(KINDS) - {"registered"}
+
+
 class Layer:
     """What the monitor keeps about one selected BatchNorm layer.
 
@@ -35,15 +40,21 @@ class Layer:
         1e-05
     """
 
-    __slots__ = ("eps", "is_bnkit", "module", "name", "records", "seen_step")
+    __slots__ = ("channel_axis", "eps", "fixed", "is_bnkit", "module", "name", "records", "registered", "seen_step")
 
-    def __init__(self, name: str, module: nn.Module) -> None:
+    def __init__(self, name: str, module: nn.Module, info: BatchNormInfo | None = None) -> None:
+        info = info if info is not None else describe_batchnorm(module)
         self.name = name
         self.module = module
-        self.eps = float(module.eps)
+        self.eps = float(info.eps if info is not None else module.eps)
         self.is_bnkit = callable(getattr(module, "uses_batch_stats", None)) and callable(
             getattr(module, "channel_axis", None)
         )
+        # A class that fixes its statistics (FrozenBatchNorm2d and friends) normalises with them in train() too.
+        self.fixed = bool(info is not None and info.fixed)
+        self.channel_axis = info.channel_axis if info is not None else 1
+        # Registered classes may keep their statistics under other names: read them through their description.
+        self.registered = info is not None and info.kind not in _STANDARD_NAMES_KINDS
         self.seen_step: int | None = None
         self.records = 0
 
