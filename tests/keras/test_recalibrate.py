@@ -173,3 +173,78 @@ def test_recalibration_fixes_stale_statistics_without_touching_a_weight() -> Non
     mean, var = _population(_bn_inputs(model, "bn2", [x]))
     np.testing.assert_allclose(_np(model.get_layer("bn2").moving_mean), mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(_np(model.get_layer("bn2").moving_variance), var, rtol=1e-6, atol=1e-6)
+
+
+def _masked_model() -> keras.Model:
+    inp = keras.Input((5,), dtype="int32")
+    x = L.Embedding(9, 3, mask_zero=True, name="emb")(inp)
+    x = L.BatchNormalization(name="bn1")(x)
+    x = L.Dense(4, name="d")(x)
+    x = L.Dropout(0.5)(x)
+    x = L.BatchNormalization(name="bn2")(x)
+    return keras.Model(inp, x)
+
+
+def _token_batches() -> list[np.ndarray]:
+    tokens = np.random.default_rng(2).integers(0, 9, size=(11, 5)).astype("int32")
+    tokens[:, 0] = np.maximum(tokens[:, 0], 1)  # no all-masked row
+    return [tokens[:4], tokens[4:9], tokens[9:]]
+
+
+def _statistics(model: keras.Model) -> list[np.ndarray]:
+    return [_np(v) for v in model.non_trainable_variables if "moving" in v.path]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_the_compiled_step_and_eager_calls_agree_with_masks_and_uneven_batches(sequential) -> None:
+    model, batches = _masked_model(), _token_batches()
+    first = bk.recalibrate(model, batches, sequential=sequential)
+    dense, bn1 = model.get_layer("d"), model.get_layer("bn1")
+    dense.kernel.assign(_np(dense.kernel) * 2.0 + 0.5)  # the cached step must read the new values, not old ones
+    bn1.gamma.assign(_np(bn1.gamma) + 1.0)
+    compiled = bk.recalibrate(model, batches, sequential=sequential)
+    fast = _statistics(model)
+    eager = bk.recalibrate(model, batches, sequential=sequential, compiled=False)
+    slow = _statistics(model)
+    assert first.compiled and compiled.compiled and not compiled.fallback
+    assert not eager.compiled and not eager.fallback
+    assert compiled.layers == eager.layers == ["bn1", "bn2"] and compiled.samples == eager.samples == 11
+    assert compiled.passes == eager.passes == (2 if sequential else 1)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    table = _np(model.get_layer("emb").embeddings)
+    tokens = np.concatenate(batches)
+    kept = table[tokens[tokens != 0]]
+    np.testing.assert_allclose(_np(bn1.moving_mean), kept.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_np(bn1.moving_variance), kept.var(0), rtol=1e-6, atol=1e-6)
+    if sequential:  # bn2 against a float64 reduction of its real inputs, masked positions left out
+        values = [_np(v) for v in _bn_inputs(model, "bn2", batches)]
+        rows = np.concatenate([v[b != 0] for v, b in zip(values, batches, strict=True)])
+        np.testing.assert_allclose(_np(model.get_layer("bn2").moving_mean), rows.mean(0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(_np(model.get_layer("bn2").moving_variance), rows.var(0), rtol=1e-6, atol=1e-6)
+
+
+class _Untraceable(keras.Model):
+    """Reads a concrete value in ``call``: ``tf.function`` and ``jax.jit`` cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = L.BatchNormalization(name="bn")
+
+    def call(self, x, training=None):
+        scale = float(keras.ops.convert_to_numpy(keras.ops.max(x)))
+        return self.bn(x / scale, training=training)
+
+
+def test_a_model_that_cannot_be_traced_falls_back_to_eager_calls() -> None:
+    model, x = _Untraceable(), _data()
+    model(x[:2])
+    report = bk.recalibrate(model, _uneven(x))
+    traced = keras.backend.backend() != "torch"  # torch's predict step runs eagerly: nothing to fall back from
+    assert report.compiled is not traced and bool(report.fallback) is traced
+    if traced:
+        assert "eager calls used" in str(report)
+    scaled = [b.astype(np.float64) / b.max() for b in _uneven(x)]
+    mean, var = _population(scaled)
+    np.testing.assert_allclose(_np(model.bn.moving_mean), mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_np(model.bn.moving_variance), var, rtol=1e-6, atol=1e-6)
