@@ -218,7 +218,8 @@ def test_the_compiled_step_and_eager_calls_agree_with_masks_and_uneven_batches(s
     np.testing.assert_allclose(_np(bn1.moving_mean), kept.mean(0), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(_np(bn1.moving_variance), kept.var(0), rtol=1e-6, atol=1e-6)
     if sequential:  # bn2 against a float64 reduction of its real inputs, masked positions left out
-        values = [_np(v) for v in _bn_inputs(model, "bn2", batches)]
+        probe = keras.Model(model.inputs[0], model.get_layer("bn2").input[0])  # the node's inputs: [x, mask]
+        values = [_np(probe(b, training=False)) for b in batches]
         rows = np.concatenate([v[b != 0] for v, b in zip(values, batches, strict=True)])
         np.testing.assert_allclose(_np(model.get_layer("bn2").moving_mean), rows.mean(0), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(_np(model.get_layer("bn2").moving_variance), rows.var(0), rtol=1e-6, atol=1e-6)
@@ -248,3 +249,14 @@ def test_a_model_that_cannot_be_traced_falls_back_to_eager_calls() -> None:
     mean, var = _population(scaled)
     np.testing.assert_allclose(_np(model.bn.moving_mean), mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(_np(model.bn.moving_variance), var, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_large_means_keep_their_variance(compiled) -> None:
+    # mean 1000, std 0.05: a one-pass E[x^2] - E[x]^2 in float32 loses the variance entirely
+    x = (1000.0 + 0.05 * np.random.default_rng(3).standard_normal((64, 4))).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), L.BatchNormalization(name="bn")])
+    bk.recalibrate(model, [x[:40], x[40:]], compiled=compiled)
+    exact = x.astype(np.float64)
+    np.testing.assert_allclose(_np(model.layers[0].moving_mean), exact.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(_np(model.layers[0].moving_variance), exact.var(0), rtol=1e-3)

@@ -56,11 +56,11 @@ class Capture:
 
     def __call__(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
         layer = self.item.layer
-        mean, var, triple = tensor_moments(layer, inputs, mask)
+        centred, var, triple = tensor_moments(layer, inputs, mask)
         self.pending.append(triple)
         if not self.batch_mode:
             return self.original(inputs, training=False, mask=mask)
-        return normalise(layer, inputs, mean, var)
+        return normalise(layer, centred, var)
 
     def install(self) -> None:
         """Replace the layer's ``call`` with this capture (an instance attribute; the class is untouched)."""
@@ -79,7 +79,7 @@ class Capture:
     def drain(self) -> None:
         """Merge the pending moment tensors (eager values) into :attr:`moments` in float64."""
         for count, mean, m2 in self.pending:
-            self.add(NumpyMoments(_vector(count), _vector(mean), _vector(m2)))
+            self.add(_triple(count, mean, m2))
         self.pending = []
 
     def add(self, moments: NumpyMoments) -> None:
@@ -91,11 +91,17 @@ def _vector(value: Any) -> np.ndarray:
     return np.asarray(compat.to_numpy(value), dtype=np.float64).reshape(-1)
 
 
+def _triple(count: Any, mean: Any, m2: Any) -> NumpyMoments:
+    means = _vector(mean)
+    return NumpyMoments(np.broadcast_to(_vector(count), means.shape).copy(), means, _vector(m2))
+
+
 def tensor_moments(layer: Any, inputs: Any, mask: Any) -> tuple[Any, Any, tuple[Any, Any, Any]]:
     """Two-pass float32 moments of one batch on the backend, traceable (dynamic batch sizes included).
 
-    Returns the mean and variance kept in the input's rank (for normalising) and the per-channel
-    ``(count, mean, m2)`` vectors (``count`` is int32 without a mask, float32 with one).
+    Returns the centred input ``x - mean`` and the variance kept in the input's rank (for normalising; the one
+    full-size temporary is shared) and the per-channel ``(count, mean, m2)`` (``count`` is one int32 scalar
+    without a mask, a float32 vector with one).
 
     Example:
         >>> import numpy as np
@@ -103,7 +109,7 @@ def tensor_moments(layer: Any, inputs: Any, mask: Any) -> tuple[Any, Any, tuple[
         >>> bn = keras.layers.BatchNormalization()
         >>> _, var, (count, mean, m2) = tensor_moments(bn, np.array([[1.0], [3.0]], "float32"), None)
         >>> compat.to_numpy(count).tolist(), compat.to_numpy(mean).tolist(), compat.to_numpy(m2).tolist()
-        ([2], [2.0], [2.0])
+        (2, [2.0], [2.0])
     """
     ops = compat.import_keras().ops
     ndim = len(inputs.shape)
@@ -118,41 +124,45 @@ def tensor_moments(layer: Any, inputs: Any, mask: Any) -> tuple[Any, Any, tuple[
             size = size * dims[d]
         count = ops.cast(size, "int32")
         mean = ops.mean(x, axis=reduce, keepdims=True)
-        m2 = ops.sum(ops.square(x - mean), axis=reduce, keepdims=True)
+        centred = x - mean
+        m2 = ops.sum(ops.square(centred), axis=reduce, keepdims=True)
         var = m2 / ops.maximum(ops.cast(count, "float32"), 1.0)
-        counts = ops.cast(ops.ones_like(ops.reshape(mean, (-1,))), "int32") * count
+        counts = count  # one int32 scalar: every channel counts the same
     else:
         weights = ops.broadcast_to(ops.expand_dims(ops.cast(mask, "float32"), -1), ops.shape(x))
         total = ops.sum(weights, axis=reduce, keepdims=True)
         safe = ops.maximum(total, 1.0)
         mean = ops.sum(x * weights, axis=reduce, keepdims=True) / safe
-        m2 = ops.sum(ops.square(x - mean) * weights, axis=reduce, keepdims=True)
+        centred = x - mean
+        m2 = ops.sum(ops.square(centred) * weights, axis=reduce, keepdims=True)
         var = m2 / safe
         counts = ops.reshape(total, (-1,))
-    return mean, var, (counts, ops.reshape(mean, (-1,)), ops.reshape(m2, (-1,)))
+    return centred, var, (counts, ops.reshape(mean, (-1,)), ops.reshape(m2, (-1,)))
 
 
-def normalise(layer: Any, inputs: Any, mean: Any, var: Any) -> Any:
-    """``layer``'s output on ``inputs`` with the given (batch) statistics, in float32, cast to its compute dtype.
+def normalise(layer: Any, centred: Any, var: Any) -> Any:
+    """``layer``'s output from its centred float32 input ``x - mean`` and variance, cast to its compute dtype.
+
+    Centred first (as Keras's inference path on torch does), so large means lose nothing to cancellation.
 
     Example:
         >>> import numpy as np
         >>> keras = compat.import_keras()
         >>> bn = keras.layers.BatchNormalization(epsilon=0.0); bn.build((None, 1))
-        >>> x = np.array([[1.0], [3.0]], "float32")
-        >>> compat.to_numpy(normalise(bn, x, np.array([[2.0]], "float32"), np.array([[1.0]], "float32"))).tolist()
+        >>> centred = np.array([[-1.0], [1.0]], "float32")
+        >>> compat.to_numpy(normalise(bn, centred, np.array([[1.0]], "float32"))).tolist()
         [[-1.0], [1.0]]
     """
     ops = compat.import_keras().ops
-    ndim = len(inputs.shape)
+    ndim = len(centred.shape)
     axes = (layer.axis,) if isinstance(layer.axis, int) else tuple(layer.axis)
     shape = [1] * ndim
     for a in axes:
-        shape[a % ndim] = int(inputs.shape[a % ndim])
-    x = ops.cast(inputs, "float32")
-    y = (x - mean) * ops.rsqrt(var + layer.epsilon)
+        shape[a % ndim] = int(centred.shape[a % ndim])
+    factor = ops.rsqrt(var + layer.epsilon)
     if layer.scale:
-        y = y * ops.reshape(ops.cast(layer.gamma, "float32"), shape)
+        factor = factor * ops.reshape(ops.cast(layer.gamma, "float32"), shape)
+    y = centred * factor
     if layer.center:
         y = y + ops.reshape(ops.cast(layer.beta, "float32"), shape)
     return ops.cast(y, layer.compute_dtype)
@@ -212,7 +222,7 @@ class MomentsStep:
                 self._succeeded = True
                 for index, capture in enumerate(self.captures):
                     for count, mean, m2 in outputs.get(str(index), ()):
-                        capture.add(NumpyMoments(_vector(count), _vector(mean), _vector(m2)))
+                        capture.add(_triple(count, mean, m2))
                 return
         self.model(x, training=False)
         for capture in self.captures:
