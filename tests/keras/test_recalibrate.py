@@ -245,6 +245,8 @@ def test_a_model_that_cannot_be_traced_falls_back_to_eager_calls() -> None:
     assert report.compiled is not traced and bool(report.fallback) is traced
     if traced:
         assert "eager calls used" in str(report)
+        again = bk.recalibrate(model, _uneven(x))  # the failed trace is remembered: straight to eager calls
+        assert not again.compiled and again.fallback == report.fallback
     scaled = [b.astype(np.float64) / b.max() for b in _uneven(x)]
     mean, var = _population(scaled)
     np.testing.assert_allclose(_np(model.bn.moving_mean), mean, rtol=1e-6, atol=1e-6)

@@ -26,6 +26,8 @@ __all__ = ["Capture", "MomentsStep", "compiled_step"]
 
 #: Attribute (set in the model's ``__dict__``, never tracked by Keras) that caches the compiled step per model.
 CACHE_ATTRIBUTE = "_bnkit_recalibration_steps"
+#: Compiled steps kept per model (precise and sequential mode, a few layer selections).
+CACHE_SIZE = 4
 
 
 class Capture:
@@ -173,7 +175,7 @@ class MomentsStep:
 
     Attributes:
         model: The model.
-        captures: The captures installed during :meth:`run`.
+        captures: The captures, installed while the step is entered (``with step:``).
         compiled: Whether the next batch goes through the compiled step.
         fallback: Why the eager path runs although the compiled one was asked for ("" when it was not).
 
@@ -188,13 +190,16 @@ class MomentsStep:
         [1.0]
     """
 
-    def __init__(self, model: Any, captures: list[Capture], compiled: bool, wrapper: Any = None) -> None:
+    def __init__(
+        self, model: Any, captures: list[Capture], compiled: bool, wrapper: Any = None, failures: Any = None
+    ) -> None:
         self.model = model
         self.captures = captures
         self.compiled = compiled and wrapper is not None
         self.wrapper = wrapper
         self.fallback = ""
         self._succeeded = False
+        self._failures = failures  # where a failed trace is remembered, so the next call goes eager at once
 
     def __enter__(self) -> MomentsStep:
         for capture in self.captures:
@@ -216,6 +221,8 @@ class MomentsStep:
                     raise
                 self.compiled = False  # the model cannot be traced: every batch goes through eager calls
                 self.fallback = f"compiled step failed ({first_line(error, with_type=True)}); eager calls used"
+                if self._failures is not None:
+                    self._failures.append(self.fallback)
                 for capture in self.captures:
                     capture.pending = []
             else:
@@ -271,26 +278,31 @@ def compiled_step(model: Any, found: list[Found], batch_mode: bool, compiled: bo
     entry = cache.entries.get(key)
     if entry is None:
         captures = [Capture(item, batch_mode) for item in found]
+        failures: list[str] = []
         try:
             wrapper = _moments_model(model, captures)
         except Exception as error:  # a model Keras cannot wrap: eager calls
-            step = MomentsStep(model, captures, compiled=False)
-            step.fallback = f"cannot wrap the model ({first_line(error, with_type=True)}); eager calls used"
-            return step
-        entry = (wrapper, captures)
-        cache.entries.clear()  # one compiled step per model: a new selection replaces the old one
+            wrapper = None
+            failures.append(f"cannot wrap the model ({first_line(error, with_type=True)}); eager calls used")
+        entry = (wrapper, captures, failures)
+        if len(cache.entries) >= CACHE_SIZE:
+            del cache.entries[next(iter(cache.entries))]  # the oldest
         cache.entries[key] = entry
-    wrapper, captures = entry
+    wrapper, captures, failures = entry
     for capture in captures:
         capture.reset()
-    return MomentsStep(model, captures, compiled=True, wrapper=wrapper)
+    if failures:
+        step = MomentsStep(model, captures, compiled=False)
+        step.fallback = failures[0]
+        return step
+    return MomentsStep(model, captures, compiled=True, wrapper=wrapper, failures=failures)
 
 
 class _Cache:
     """Compiled steps of one model; copies and pickles of the model get an empty cache."""
 
     def __init__(self) -> None:
-        self.entries: dict[Any, tuple[Any, list[Capture]]] = {}
+        self.entries: dict[Any, tuple[Any, list[Capture], list[str]]] = {}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Cache:
         return _Cache()
