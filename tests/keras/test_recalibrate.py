@@ -262,3 +262,26 @@ def test_large_means_keep_their_variance(compiled) -> None:
     exact = x.astype(np.float64)
     np.testing.assert_allclose(_np(model.layers[0].moving_mean), exact.mean(0), rtol=1e-6)
     np.testing.assert_allclose(_np(model.layers[0].moving_variance), exact.var(0), rtol=1e-3)
+
+
+class _FailsOnSecondPass:
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i, b in enumerate(self.batches):
+            if self.passes == 3 and i == 1:  # pass 1 finds the call order; bn1 is assigned after pass 2
+                raise RuntimeError("data source failed")
+            yield b
+
+
+def test_an_exception_after_a_layer_was_assigned_restores_it() -> None:
+    model, x = _model(), _data()
+    model(x, training=True)
+    before = [_np(v) for v in model.variables]
+    with pytest.raises(RuntimeError, match="data source failed"):
+        bk.recalibrate(model, _FailsOnSecondPass(_uneven(x)), sequential=True)
+    assert all(np.array_equal(a, _np(b)) for a, b in zip(before, model.variables, strict=True))
+    report = bk.recalibrate(model, _FailsOnSecondPass(_uneven(x)), sequential=True, num_batches=1)
+    assert report.layers == ["bn1", "bn2"]

@@ -330,6 +330,9 @@ def _moments_model(model: Any, captures: list[Capture]) -> Any:
             super().__init__(name="bnkit_recalibration_moments")
             self.inner = model
             self.holder = _Holder(captures)
+            # No weights of its own: built, so predict_on_batch on JAX skips its eager building call (a whole
+            # eager forward pass, often longer than the compilation) when the model is already built.
+            self.built = True
 
         def call(self, x: Any) -> dict[str, list[tuple[Any, Any, Any]]]:
             for capture in self.holder.captures:

@@ -212,7 +212,7 @@ def recalibrate(
         raise TypeError(f"bnkit.keras.recalibrate: compiled must be True or False; got {compiled!r}")
     batches = _batches(data, batch_size)
     variables = list(model.variables)
-    saved = [compat.to_numpy(v) for v in variables]
+    saved = _snapshot(variables)
     report = KerasRecalibrationReport()
     try:
         if sequential:
@@ -240,6 +240,18 @@ def recalibrate(
             v.assign(value)
         raise
     return report
+
+
+def _snapshot(variables: list[Any]) -> list[Any]:
+    """Exact copies of the variables' values, to restore on an exception.
+
+    TensorFlow: on-device copies (half the time of NumPy copies). JAX: NumPy copies, since ``predict_on_batch``
+    donates the variables' buffers to the compiled step. torch: NumPy copies (no faster way through keras.ops).
+    """
+    if compat.backend() == "tensorflow":
+        ops = compat.import_keras().ops
+        return [ops.copy(v.value) for v in variables]
+    return [compat.to_numpy(v) for v in variables]
 
 
 def _finish(report: KerasRecalibrationReport, captures: list[Capture]) -> None:
