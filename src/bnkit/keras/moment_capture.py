@@ -151,8 +151,8 @@ def normalise(layer: Any, centred: Any, var: Any) -> Any:
         >>> import numpy as np
         >>> keras = compat.import_keras()
         >>> bn = keras.layers.BatchNormalization(epsilon=0.0); bn.build((None, 1))
-        >>> centred = np.array([[-1.0], [1.0]], "float32")
-        >>> compat.to_numpy(normalise(bn, centred, np.array([[1.0]], "float32"))).tolist()
+        >>> centred = keras.ops.convert_to_tensor(np.array([[-1.0], [1.0]], "float32"))
+        >>> compat.to_numpy(normalise(bn, centred, keras.ops.ones((1, 1)))).tolist()
         [[-1.0], [1.0]]
     """
     ops = compat.import_keras().ops
