@@ -285,3 +285,15 @@ def test_an_exception_after_a_layer_was_assigned_restores_it() -> None:
     assert all(np.array_equal(a, _np(b)) for a, b in zip(before, model.variables, strict=True))
     report = bk.recalibrate(model, _FailsOnSecondPass(_uneven(x)), sequential=True, num_batches=1)
     assert report.layers == ["bn1", "bn2"]
+
+
+def test_the_compiled_step_leaves_the_model_as_it_was(tmp_path) -> None:
+    model, x = _model(), _data()
+    layers, paths = [layer.name for layer in model.layers], [v.path for v in model.variables]
+    assert bk.recalibrate(model, x).compiled
+    assert [layer.name for layer in model.layers] == layers and [v.path for v in model.variables] == paths
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    for a, b in zip(model.variables, loaded.variables, strict=True):
+        if "seed_generator" not in a.path:  # dropout's seed state is drawn afresh on load
+            np.testing.assert_array_equal(_np(a), _np(b))
