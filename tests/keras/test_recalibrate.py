@@ -129,8 +129,9 @@ def _formats(x: np.ndarray) -> dict[str, object]:
 def test_every_data_format_gives_the_same_statistics() -> None:
     x = _data()
     results = {}
+    model = keras.Sequential([keras.Input((4,)), L.BatchNormalization(name="bn")])  # one model: one cached step
     for label, data in _formats(x).items():
-        model = keras.Sequential([keras.Input((4,)), L.BatchNormalization(name="bn")])
+        model.layers[0].moving_mean.assign(np.zeros(4, "float32"))
         bk.recalibrate(model, data, batch_size=6)
         results[label] = (_np(model.layers[0].moving_mean), _np(model.layers[0].moving_variance))
     mean, var = x.astype(np.float64).mean(0), x.astype(np.float64).var(0)
@@ -173,3 +174,127 @@ def test_recalibration_fixes_stale_statistics_without_touching_a_weight() -> Non
     mean, var = _population(_bn_inputs(model, "bn2", [x]))
     np.testing.assert_allclose(_np(model.get_layer("bn2").moving_mean), mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(_np(model.get_layer("bn2").moving_variance), var, rtol=1e-6, atol=1e-6)
+
+
+def _masked_model() -> keras.Model:
+    inp = keras.Input((5,), dtype="int32")
+    x = L.Embedding(9, 3, mask_zero=True, name="emb")(inp)
+    x = L.BatchNormalization(name="bn1")(x)
+    x = L.Dense(4, name="d")(x)
+    x = L.Dropout(0.5)(x)
+    x = L.BatchNormalization(name="bn2")(x)
+    return keras.Model(inp, x)
+
+
+def _token_batches() -> list[np.ndarray]:
+    tokens = np.random.default_rng(2).integers(0, 9, size=(11, 5)).astype("int32")
+    tokens[:, 0] = np.maximum(tokens[:, 0], 1)  # no all-masked row
+    return [tokens[:4], tokens[4:9], tokens[9:]]
+
+
+def _statistics(model: keras.Model) -> list[np.ndarray]:
+    return [_np(v) for v in model.non_trainable_variables if "moving" in v.path]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_the_compiled_step_and_eager_calls_agree_with_masks_and_uneven_batches(sequential) -> None:
+    model, batches = _masked_model(), _token_batches()
+    first = bk.recalibrate(model, batches, sequential=sequential)
+    dense, bn1 = model.get_layer("d"), model.get_layer("bn1")
+    dense.kernel.assign(_np(dense.kernel) * 2.0 + 0.5)  # the cached step must read the new values, not old ones
+    bn1.gamma.assign(_np(bn1.gamma) + 1.0)
+    compiled = bk.recalibrate(model, batches, sequential=sequential)
+    fast = _statistics(model)
+    eager = bk.recalibrate(model, batches, sequential=sequential, compiled=False)
+    slow = _statistics(model)
+    assert first.compiled and compiled.compiled and not compiled.fallback
+    assert not eager.compiled and not eager.fallback
+    assert compiled.layers == eager.layers == ["bn1", "bn2"] and compiled.samples == eager.samples == 11
+    assert compiled.passes == eager.passes == (2 if sequential else 1)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    table = _np(model.get_layer("emb").embeddings)
+    tokens = np.concatenate(batches)
+    kept = table[tokens[tokens != 0]]
+    np.testing.assert_allclose(_np(bn1.moving_mean), kept.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_np(bn1.moving_variance), kept.var(0), rtol=1e-6, atol=1e-6)
+    if sequential:  # bn2 against a float64 reduction of its real inputs, masked positions left out
+        probe = keras.Model(model.inputs[0], model.get_layer("bn2").input[0])  # the node's inputs: [x, mask]
+        values = [_np(probe(b, training=False)) for b in batches]
+        rows = np.concatenate([v[b != 0] for v, b in zip(values, batches, strict=True)])
+        np.testing.assert_allclose(_np(model.get_layer("bn2").moving_mean), rows.mean(0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(_np(model.get_layer("bn2").moving_variance), rows.var(0), rtol=1e-6, atol=1e-6)
+
+
+class _Untraceable(keras.Model):
+    """Reads a concrete value in ``call``: ``tf.function`` and ``jax.jit`` cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = L.BatchNormalization(name="bn")
+
+    def call(self, x, training=None):
+        scale = float(keras.ops.convert_to_numpy(keras.ops.max(x)))
+        return self.bn(x / scale, training=training)
+
+
+def test_a_model_that_cannot_be_traced_falls_back_to_eager_calls() -> None:
+    model, x = _Untraceable(), _data()
+    model(x[:2])
+    report = bk.recalibrate(model, _uneven(x))
+    traced = keras.backend.backend() != "torch"  # torch's predict step runs eagerly: nothing to fall back from
+    assert report.compiled is not traced and bool(report.fallback) is traced
+    if traced:
+        assert "eager calls used" in str(report)
+        again = bk.recalibrate(model, _uneven(x))  # the failed trace is remembered: straight to eager calls
+        assert not again.compiled and again.fallback == report.fallback
+    scaled = [b.astype(np.float64) / b.max() for b in _uneven(x)]
+    mean, var = _population(scaled)
+    np.testing.assert_allclose(_np(model.bn.moving_mean), mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_np(model.bn.moving_variance), var, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_large_means_keep_their_variance(compiled) -> None:
+    # mean 1000, std 0.05: a one-pass E[x^2] - E[x]^2 in float32 loses the variance entirely
+    x = (1000.0 + 0.05 * np.random.default_rng(3).standard_normal((64, 4))).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), L.BatchNormalization(name="bn")])
+    bk.recalibrate(model, [x[:40], x[40:]], compiled=compiled)
+    exact = x.astype(np.float64)
+    np.testing.assert_allclose(_np(model.layers[0].moving_mean), exact.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(_np(model.layers[0].moving_variance), exact.var(0), rtol=1e-3)
+
+
+class _FailsOnSecondPass:
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i, b in enumerate(self.batches):
+            if self.passes == 3 and i == 1:  # pass 1 finds the call order; bn1 is assigned after pass 2
+                raise RuntimeError("data source failed")
+            yield b
+
+
+def test_an_exception_after_a_layer_was_assigned_restores_it() -> None:
+    model, x = _model(), _data()
+    model(x, training=True)
+    before = [_np(v) for v in model.variables]
+    with pytest.raises(RuntimeError, match="data source failed"):
+        bk.recalibrate(model, _FailsOnSecondPass(_uneven(x)), sequential=True)
+    assert all(np.array_equal(a, _np(b)) for a, b in zip(before, model.variables, strict=True))
+    report = bk.recalibrate(model, _FailsOnSecondPass(_uneven(x)), sequential=True, num_batches=1)
+    assert report.layers == ["bn1", "bn2"]
+
+
+def test_the_compiled_step_leaves_the_model_as_it_was(tmp_path) -> None:
+    model, x = _model(), _data()
+    layers, paths = [layer.name for layer in model.layers], [v.path for v in model.variables]
+    assert bk.recalibrate(model, x).compiled
+    assert [layer.name for layer in model.layers] == layers and [v.path for v in model.variables] == paths
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    for a, b in zip(model.variables, loaded.variables, strict=True):
+        if "seed_generator" not in a.path:  # dropout's seed state is drawn afresh on load
+            np.testing.assert_array_equal(_np(a), _np(b))
