@@ -47,8 +47,8 @@ _RANK_TO_DIM = {2: 1, 3: 1, 4: 2, 5: 3}
 _NO_INFO = SimpleNamespace(spatial_dims=None)
 # the targets that need to know whether a layer of unknown class is a 1d, 2d or 3d one
 _NEEDS_DIM = {
-    "torch": ("torch-sync", "bnkit"),
-    "frozen": ("torch-sync", "bnkit", "sync-act"),
+    "torch": ("torch-sync", "bnkit", "bnact"),
+    "frozen": ("torch-sync", "bnkit", "bnact", "sync-act"),
     "trainable": ("frozen",),
 }
 
