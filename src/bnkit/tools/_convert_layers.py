@@ -56,8 +56,9 @@ _CONVERT_KIND = {
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """How ``convert`` treats a layer: ``torch`` (BatchNorm1d/2d/3d), ``torch-sync``, ``bnkit``, ``act`` (timm
-    BatchNormAct2d), ``sync-act`` (timm SyncBatchNormAct), ``bnact`` (``bnkit.BatchNormAct``), ``frozen`` (FrozenBatchNorm2d of torchvision, timm or
+    """How ``convert`` treats a layer: ``torch`` (BatchNorm1d/2d/3d), ``torch-sync``, ``bnkit``, ``bnact``
+    (``bnkit.BatchNormAct``), ``act`` (timm BatchNormAct2d), ``sync-act`` (timm SyncBatchNormAct), ``frozen``
+    (FrozenBatchNorm2d of torchvision, timm or
     a look-alike), ``frozen-act`` (timm FrozenBatchNormAct2d), ``subclass`` (a subclass with behaviour of its
     own, or a class taught with ``bnkit.register_batchnorm``), or None (not BatchNorm-like). The recognition is
     :func:`bnkit.layers.kinds.describe_batchnorm`'s.

@@ -35,13 +35,14 @@ from bnkit.tools._convert_layers import (
     to_trainable,
 )
 from bnkit.tools._layer_dims import infer_dims, recorded_ranks
+from bnkit.tools.bnact_rewrite import rewrite_bnact
 from bnkit.tools.freeze import has_foreign_hooks
 from bnkit.tools.model_edit import check_model, copy_unless_inplace, replace_modules
 
 __all__ = ["TARGETS", "ConvertReport", "convert", "convert_with_report", "default_groups"]
 
 #: Accepted values of ``to``.
-TARGETS = ("bnkit", "sync", "bnkit-sync", "torch", "torch-sync", "group", "frozen", "trainable")
+TARGETS = ("bnkit", "sync", "bnkit-sync", "torch", "torch-sync", "group", "frozen", "trainable", "bnact")
 
 _RANK_TO_DIM = {2: 1, 3: 1, 4: 2, 5: 3}
 _NO_INFO = SimpleNamespace(spatial_dims=None)
@@ -79,6 +80,8 @@ class ConvertReport:
         skipped: layers the target cannot hold, left as they are, with the reason (a warning names them).
         unrecognised: modules anywhere in the model that hold running statistics (``running_mean`` /
             ``running_var`` buffers) but that bnkit does not recognise as a BatchNorm; they were not touched.
+        notes: what else the user should know about the result (``"bnact"``: that it is a ``torch.fx``
+            GraphModule, when the graph had to be rewritten).
 
     ``len(report)`` and iteration go over ``converted``.
 
@@ -95,6 +98,7 @@ class ConvertReport:
     kept: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     unrecognised: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def __iter__(self) -> Any:
         return iter(self.converted)
@@ -111,6 +115,7 @@ class ConvertReport:
         lines.extend(f"skipped {name}: {reason}" for name, reason in self.skipped.items())
         if self.unrecognised:
             lines.append(f"not recognised (hold running statistics): {', '.join(self.unrecognised)}")
+        lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +132,7 @@ class ConvertReport:
             "kept": dict(self.kept),
             "skipped": dict(self.skipped),
             "unrecognised": list(self.unrecognised),
+            "notes": list(self.notes),
         }
 
 
@@ -264,6 +270,8 @@ def convert_with_report(
 
     result = copy_unless_inplace(model, inplace)
     found = _find(result, layers)
+    if to == "bnact":
+        return _convert_bnact(model, result, found, inplace)
     dims: dict[int, int] = {}
     synced = to in ("bnkit", "sync", "bnkit-sync") and any(kind == "torch-sync" for *_, kind in found)
     if to in ("torch", "frozen", "trainable") or example_inputs is not None or synced:
@@ -293,6 +301,18 @@ def convert_with_report(
     _warn(model, found, replacements, report)
     # The report is returned, not attached to the model: a "torch" result must unpickle without bnkit.
     return replace_modules(result, replacements), report
+
+
+def _convert_bnact(
+    model: nn.Module, result: nn.Module, found: list[tuple[str, nn.Module, str]], inplace: bool
+) -> tuple[nn.Module, ConvertReport]:
+    plan = rewrite_bnact(result, found, inplace=inplace)
+    report = ConvertReport(
+        "bnact", plan.converted, (), plan.kept, plan.skipped, _unrecognised(model), tuple(plan.notes)
+    )
+    converted = {id(m) for name, m, _ in found if (name or "<model>") in plan.converted}
+    _warn(model, found, dict.fromkeys(converted), report)  # type: ignore[arg-type]
+    return plan.model, report
 
 
 def _warn(model: nn.Module, found: list, replacements: dict[int, nn.Module], report: ConvertReport) -> None:

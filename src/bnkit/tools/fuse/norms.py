@@ -3,10 +3,10 @@
 and activation of a timm ``BatchNormAct2d``), which the fold keeps.
 
 Which layers are BatchNorms is :func:`bnkit.layers.kinds.describe_batchnorm`'s business (torch, SyncBatchNorm,
-bnkit (BatchNormAct too), torchvision/timm FrozenBatchNorm2d, timm BatchNormAct2d/SyncBatchNormAct/FrozenBatchNormAct2d, look-alikes
-and registered classes; never by importing torchvision or timm). What fuse adds is whether it knows the
-``forward`` that runs: a subclass of one of those classes that overrides ``forward`` may compute anything else
-(a fused activation, say), so it is described but not folded.
+bnkit BatchNorm and BatchNormAct, torchvision/timm FrozenBatchNorm2d, timm BatchNormAct2d, SyncBatchNormAct and
+FrozenBatchNormAct2d, look-alikes and registered classes; never by importing torchvision or timm). What fuse adds
+is whether it knows the ``forward`` that runs: a subclass of one of those classes that overrides ``forward`` may
+compute anything else (a fused activation, say), so it is described but not folded.
 """
 
 from __future__ import annotations
