@@ -202,10 +202,14 @@ def _bnact_other(module: nn.Module, kind: str, to: str) -> str:
     )
 
 
+def _from_timm(module: nn.Module) -> bool:
+    source = getattr(module, "source_class", None) or ""
+    return source.startswith("timm.") and source.endswith(".BatchNormAct2d")
+
+
 def _bnact_to_torch(module: nn.Module, strict: bool) -> nn.Module:
     """timm's ``BatchNormAct2d`` for a ``bnkit.BatchNormAct`` converted from one (timm importable), else Leave."""
-    source = module.source_class or ""
-    if not source.startswith("timm.") or not source.endswith(".BatchNormAct2d"):
+    if not _from_timm(module):
         raise Leave(
             f"bnkit.BatchNormAct with activation {module.activation!r}: torch.nn BatchNorm has no activation and "
             "the layer was not converted from timm's BatchNormAct2d, so it is kept as it is (its state dict "
@@ -218,7 +222,7 @@ def _bnact_to_torch(module: nn.Module, strict: bool) -> nn.Module:
         raise Leave("converted from timm's BatchNormAct2d, but timm is not importable: kept as it is", True) from None
     plain = bnkit_batchnorm_class().to_torch(module, 2, strict=strict)  # the settings checks of bnkit -> torch
     new = _torch_from_torch(plain, timm_class)
-    new.act = describe_batchnorm(module).activation
+    new.act = describe_batchnorm(module).activation or nn.Identity()
     if module.freeze_stats and module.track_running_stats:
         _set_stats(new, True)
     return new
@@ -272,7 +276,7 @@ def to_torch(name: str, module: nn.Module, kind: str, dim: int | None, strict: b
     label = name or "<model>"
     if kind == "torch":
         return module
-    if kind == "bnact" and module.activation != "identity":
+    if kind == "bnact" and (module.activation != "identity" or _from_timm(module)):
         try:
             return _bnact_to_torch(module, strict)
         except ValueError as err:
