@@ -263,9 +263,7 @@ def test_mobilenet_v2_relu6_is_left() -> None:
         assert torch.equal(result.eval()(x), model.eval()(x))
 
 
-@pytest.mark.parametrize(
-    ("name", "unsupported"), [("efficientnet_b0", "SiLU"), ("mobilenetv3_small_050", "Hardswish")]
-)
+@pytest.mark.parametrize(("name", "unsupported"), [("efficientnet_b0", "SiLU"), ("mobilenetv3_small_050", "Hardswish")])
 def test_timm_batchnormact2d(name: str, unsupported: str) -> None:
     model = randomise_statistics(timm.create_model(name, num_classes=4, pretrained=False))
     before = take_snapshot(model)
@@ -297,7 +295,7 @@ def test_fuse_of_a_converted_model_is_exact() -> None:
     x = torch.randn(2, 3, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fused, fuse_report = bnkit.fuse_with_report(converted, x)
+        fused = bnkit.fuse(converted, x)
     assert not bnacts(fused)
     with torch.no_grad():
         assert_close(fused(x), model(x), NET, "fused output")
@@ -330,7 +328,8 @@ def test_convert_back_to_torch() -> None:
     resnet = quiet_convert(torchvision.models.resnet18(num_classes=4))[0]
     with pytest.warns(UserWarning, match="left as they are"):
         back, report = convert_with_report(resnet, "torch")
-    assert set(report.skipped) == set(bnacts(resnet)) and "torch.nn BatchNorm has no activation" in report.skipped["bn1"]
+    assert set(report.skipped) == set(bnacts(resnet))
+    assert "torch.nn BatchNorm has no activation" in report.skipped["bn1"]
     identity = convert(nn.Sequential(nn.Conv2d(3, 2, 1), bnkit.BatchNormAct(2, "identity")), "torch")
     assert type(identity[1]) is nn.BatchNorm2d
 
