@@ -119,7 +119,7 @@ class ConvertReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as plain JSON-serialisable data.
+        """The report as plain JSON-serialisable data (``"notes"`` only when there are some).
 
         Example:
             >>> ConvertReport("torch", unchanged=("0",)).to_dict()["unchanged"]
@@ -132,7 +132,7 @@ class ConvertReport:
             "kept": dict(self.kept),
             "skipped": dict(self.skipped),
             "unrecognised": list(self.unrecognised),
-            "notes": list(self.notes),
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
 
