@@ -166,11 +166,13 @@ def _kept_reason(kind: str, to: str) -> Leave:
     if kind in ("frozen", "frozen-act"):
         warn = to == "group"
         return Leave("frozen layer (statistics and gamma/beta fixed), kept as it is; to='trainable' thaws it", warn)
+    if kind == "sync-act" and to == "bnact":
+        return Leave("timm SyncBatchNormAct: convert to 'torch' first (timm's BatchNormAct2d), then to 'bnact'", True)
     if kind in ("act", "sync-act"):
         hint = "; to='torch-sync' gives timm's SyncBatchNormAct" if to != "bnkit" else ""
         return Leave(
-            "timm BatchNorm+activation layer: bnkit has no BatchNorm+activation layer yet, so it is kept as it "
-            f"is (converting would drop the activation){hint}",
+            "timm BatchNorm+activation layer: bnkit.BatchNorm has no activation, so it is kept as it is "
+            f"(to='bnact' makes it a bnkit.BatchNormAct){hint}",
             True,
         )
     return Leave(f"its target form is not defined for to={to!r}", True)

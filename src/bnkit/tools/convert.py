@@ -369,7 +369,7 @@ def convert(
     - ``"bnkit"``: ``torch.nn`` BatchNorm1d/2d/3d and SyncBatchNorm -> ``bnkit.BatchNorm`` (SyncBatchNorm becomes
       ``sync=True`` with its process group). The layer remembers its class (``torch_dim``), so ``"torch"`` gives
       the same class back without running the model. bnkit layers are unchanged; timm's ``BatchNormAct2d`` /
-      ``SyncBatchNormAct`` are kept (bnkit has no BatchNorm+activation layer yet) and frozen layers are kept.
+      ``SyncBatchNormAct`` are kept (``"bnact"`` converts them) and frozen layers are kept.
     - ``"sync"`` (alias ``"bnkit-sync"``): every BatchNorm -> ``bnkit.BatchNorm(sync=True)``: statistics merged
       exactly across ``torch.distributed`` ranks in training, on CPU (gloo) and GPU; bnkit layers keep their
       settings and gain ``sync=True``.
@@ -400,6 +400,21 @@ def convert(
       BatchNormAct) with ``G = groups`` (an int, or a callable ``C -> G``), by default :func:`default_groups`.
       gamma and beta are copied (with their ``requires_grad``); running statistics, momentum and freeze state
       are discarded. The outputs differ from the BatchNorm's, so fine-tune after converting.
+
+    - ``"bnact"``: each ``torch.nn`` BatchNorm (or SyncBatchNorm) followed by its activation, and each timm
+      ``BatchNormAct2d``, -> one ``bnkit.BatchNormAct`` (exact in train and eval; see
+      :mod:`bnkit.tools.bnact_rewrite`). Pairs are found on the model's ``torch.fx`` graph, else among the
+      children of an ``nn.Sequential``. Supported activations: identity, ReLU, LeakyReLU and ELU (slope/alpha
+      > 0), as modules or functions. When the activation module is called once, the BatchNorm is replaced and
+      the activation becomes ``nn.Identity`` (the model keeps its class); when one module is called several
+      times (torchvision's ResNet reuses ``self.relu``) or the activation is a function, the result is a
+      ``torch.fx.GraphModule`` with the activation removed after that BatchNorm (a note in the report says so;
+      not with ``inplace=True``, nor when the traced forward differs in train and eval mode). Left, with the
+      reason: a BatchNorm whose output goes elsewhere (``kept``: e.g. to a residual sum), or to the activation
+      and something else, an unsupported activation (ReLU6, SiLU, ...), a timm drop layer, an activated output
+      modified in place by a later explicit in-place call (``skipped``, with a warning). On the way back,
+      ``"torch"`` gives timm's ``BatchNormAct2d`` for a layer converted from one (``BatchNormAct.source_class``),
+      a ``torch.nn`` BatchNorm for the identity, and leaves any other (listed, with a warning).
 
     A layer the target cannot hold (a subclass with behaviour of its own, timm's BatchNormAct under
     ``"bnkit"``) is left as it is and listed under ``skipped`` in the report, with a warning; the call never
