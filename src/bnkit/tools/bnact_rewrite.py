@@ -201,6 +201,15 @@ def _written_in_place(name: str, graph: fx.Graph, modules: dict[str, nn.Module])
     return ""
 
 
+def _graph_activation(node: fx.Node, modules: dict[str, nn.Module], graph: fx.Graph) -> str:
+    """How the report names an activation removed from the graph."""
+    if node.op == "call_module":
+        module = modules[str(node.target)]
+        calls = sum(1 for n in graph.nodes if n.op == "call_module" and modules.get(str(n.target)) is module)
+        return f"{type(module).__name__} (module {node.target}, called {calls} times: this call removed on the graph)"
+    return f"{_describe(node)} (a function, removed on the graph)"
+
+
 @dataclass(frozen=True)
 class _Pair:
     """One fusable pair on a graph: the BatchNorm's node, the activation's node, and how to rewrite it."""
@@ -317,9 +326,9 @@ def _build(module: nn.Module, activation: Activation, name: str) -> nn.Module:
 
 
 def _fill(source: nn.Module, target: nn.Module) -> None:
-    """Give ``target`` (a GraphModule, or a container fx created for it) every module, parameter and buffer of
-    ``source`` that the graph does not reference, under the same names, and ``source``'s training flags, so the
-    state dict keeps its keys."""
+    """Give the GraphModule ``target`` the children of ``source`` themselves (fx made plain ``nn.Module``
+    containers holding only what the graph calls), and the parameters and buffers of ``source``'s own that the
+    graph does not read: same classes (``model.layer1[0]`` still indexes), same state-dict keys, same flags."""
     target.training = source.training
     for key, param in source._parameters.items():
         if param is not None and key not in target._parameters and not hasattr(target, key):
@@ -328,13 +337,8 @@ def _fill(source: nn.Module, target: nn.Module) -> None:
         if buffer is not None and key not in target._buffers and not hasattr(target, key):
             target.register_buffer(key, buffer, persistent=key not in source._non_persistent_buffers_set)
     for key, child in source._modules.items():
-        if child is None:
-            continue
-        existing = target._modules.get(key)
-        if existing is None:
+        if child is not None:
             target.add_module(key, child)
-        elif existing is not child:
-            _fill(child, existing)
 
 
 def rewrite_bnact(model: nn.Module, found: list[tuple[str, nn.Module, str]], *, inplace: bool) -> BnactPlan:
@@ -438,7 +442,7 @@ def rewrite_bnact(model: nn.Module, found: list[tuple[str, nn.Module, str]], *, 
             graph_pairs[name] = result
             replacements[name] = _build(module, result.activation, name)
             plan.converted[name] = (
-                f"{type(module).__name__} + {_describe(result.act_node)} (graph node {result.act_node.name}) -> "
+                f"{type(module).__name__} + {_graph_activation(result.act_node, modules, graph)} -> "
                 f"BatchNormAct({result.activation.kind})"
             )
 
