@@ -455,6 +455,8 @@ def rewrite_bnact(model: nn.Module, found: list[tuple[str, nn.Module, str]], *, 
         # module-level pairs: their activation modules become Identity below, on the graph module too
         graph.lint()
         result_model = fx.GraphModule(model, graph, class_name=type(model).__name__)
+        # pickling re-traces the code with this class, built without arguments: fx's own tracer does that
+        result_model._tracer_cls = None
         _fill(model, result_model)
         plan.model = result_model
         plan.notes.append(

@@ -22,7 +22,8 @@ NAME = "convert"
 DESCRIPTION = (
     "Convert every BatchNorm layer: to bnkit.BatchNorm (exact), to plain torch BatchNorm (also "
     "from SyncBatchNorm), to synchronised bnkit.BatchNorm (sync) or torch.nn.SyncBatchNorm (torch-sync), to "
-    "FrozenBatchNorm2d (frozen) or back to trainable BatchNorm2d (trainable), or to GroupNorm; write the model to "
+    "FrozenBatchNorm2d (frozen) or back to trainable BatchNorm2d (trainable), to GroupNorm, or BatchNorm + "
+    "activation pairs to bnkit.BatchNormAct (bnact); write the model to "
     "OUT. Layers left as they are, and modules with running statistics bnkit does not recognise, are listed."
 )
 
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise CliError(message) from None
     layers = []
     for name, change in report.converted.items():
-        old, new = change.split(" -> ")
+        old, new = change.rsplit(" -> ", 1)
         layers.append({"layer": name, "from": old, "to": new})
     written = write_model(converted, loaded, args, auto="module", extra_inputs=[], example_inputs=example)
     left = {**report.kept, **report.skipped}
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "converted": layers,
         "left": [{"layer": name, "reason": reason} for name, reason in left.items()],
         "unrecognised": list(report.unrecognised),
+        "notes": list(report.notes),
     }
 
 
@@ -117,6 +119,7 @@ def render(data: dict[str, Any]) -> list[Table | str]:
         blocks.append(Table("left as they are", ["layer", "reason"], rows))
     if data.get("unrecognised"):
         blocks.append(f"not recognised, hold running statistics: {', '.join(data['unrecognised'])}")
+    blocks.extend(f"note: {note}" for note in data.get("notes", ()))
     blocks.append(
         f"wrote {data['output']} ({data['format']}): {len(data['converted'])} layers converted to {data['to']}"
     )
