@@ -9,6 +9,7 @@ the input model is compared bit for bit with a snapshot taken before the call.
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -218,9 +219,13 @@ def test_resnet18_reused_relu() -> None:
     assert set(report.converted) == expected
     assert all("add" in reason for reason in report.kept.values()) and len(report.kept) == 11
     assert not report.skipped
-    x = torch.randn(4, 3, 64, 64)  # 2x2 maps at the end: 16 values per channel for the batch statistics
+    x = torch.randn(4, 3, 32, 32)
     check_eval(model, result, x)
     check_training(model, result, x, steps=2)
+    buffer = io.BytesIO()
+    torch.save(result, buffer)
+    buffer.seek(0)
+    check_eval(model, torch.load(buffer, weights_only=False), x)  # the GraphModule pickles and loads
 
 
 class PreActBlock(nn.Module):
