@@ -367,3 +367,28 @@ def test_report_to_dict_has_notes() -> None:
     _, report = quiet_convert(torchvision.models.resnet18(num_classes=2))
     data = report.to_dict()
     assert data["to"] == "bnact" and data["notes"] and "layer1.0.bn1" in data["converted"]
+
+
+def test_modules_inside_an_untraceable_submodule_are_not_trusted_to_the_graph() -> None:
+    class Opaque(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+            self.act = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.bn(x)) if x.sum() > -1e9 else x  # fx cannot trace this: it stays opaque
+
+    class Root(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Opaque()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(self.inner.act(self.inner.bn(x)))  # bn and act also called inside `inner`
+
+    model = Root()
+    result, report = quiet_convert(model)
+    assert "untraceable submodule" in report.skipped["inner.bn"]
+    x = torch.randn(6, 4)
+    check_eval(model, result, x)

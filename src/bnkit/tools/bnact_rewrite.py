@@ -220,13 +220,15 @@ class _Pair:
 
 
 def _pair_on_graph(
-    name: str, graph: fx.Graph, modules: dict[str, nn.Module], registered: Counter[int]
+    name: str, graph: fx.Graph, modules: dict[str, nn.Module], registered: Counter[int], hidden: set[int]
 ) -> _Pair | str | tuple[str, str]:
     """The pair ``name`` forms on ``graph``; a ``str`` reason (an activation follows but cannot fuse), or a
     ``("kept", reason)`` tuple (no activation follows)."""
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
     if not calls:
         return ("absent", "not called on the traced graph")
+    if id(modules[name]) in hidden:
+        return "it also sits inside an untraceable submodule, whose calls of it are not on the graph"
     if len(calls) > 1:
         return f"called {len(calls)} times in forward; fusing would apply the activation at every call"
     node = calls[0]
@@ -258,7 +260,7 @@ def _pair_on_graph(
         if has_foreign_hooks(act_module):
             return f"the activation module {user.target!r} has hooks, which would stop firing"
         uses = sum(1 for n in graph.nodes if n.op == "call_module" and modules.get(str(n.target)) is act_module)
-        if uses == 1 and registered[id(act_module)] == 1:
+        if uses == 1 and registered[id(act_module)] == 1 and id(act_module) not in hidden:
             module_level = str(user.target)
     return _Pair(activation, user, module_level)
 
@@ -279,10 +281,10 @@ class BnactPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def _traced(model: nn.Module) -> tuple[fx.Graph | None, bool, str]:
-    """The train-mode graph, whether the eval-mode graph is the same code, and the failure (or "")."""
+def _traced(model: nn.Module, opaque: set[int]) -> tuple[fx.Graph | None, bool, str]:
+    """The train-mode graph, whether the eval-mode graph is the same code, and the failure (or ""); ``opaque``
+    receives the submodules fx could not trace through."""
     flags = {id(m): m.training for m in model.modules()}
-    opaque: set[int] = set()
     try:
         model.train()
         train_graph = trace(model, opaque)
@@ -391,8 +393,11 @@ def rewrite_bnact(model: nn.Module, found: list[tuple[str, nn.Module, str]], *, 
             (plan.skipped if leave.warn else plan.kept)[label] = leave.reason
 
     invertible = [n for n in timm_layers if replacements[n].activation != "relu"]
-    graph, same, failure = _traced(model) if candidates or invertible else (None, True, "")
+    opaque: set[int] = set()
+    graph, same, failure = _traced(model, opaque) if candidates or invertible else (None, True, "")
     modules = dict(model.named_modules())
+    # modules inside an untraceable submodule may be called there too, where the graph does not show it
+    hidden = {id(sub) for m in model.modules() if id(m) in opaque for sub in m.modules() if sub is not m}
     for name in invertible if graph is not None else ():
         writer = _written_in_place(name, graph, modules)
         if writer:
@@ -405,7 +410,7 @@ def rewrite_bnact(model: nn.Module, found: list[tuple[str, nn.Module, str]], *, 
     for name, module in candidates:
         result: Any = ("absent", "")
         if graph is not None:
-            result = _pair_on_graph(name, graph, modules, registered)
+            result = _pair_on_graph(name, graph, modules, registered, hidden)
         if isinstance(result, tuple) and result[0] == "absent":
             pair = _sequential_pair(model, name, registered)
             why = f"the model could not be traced ({failure})" if graph is None else "it is not on the traced graph"
