@@ -392,3 +392,14 @@ def test_modules_inside_an_untraceable_submodule_are_not_trusted_to_the_graph() 
     assert "untraceable submodule" in report.skipped["inner.bn"]
     x = torch.randn(6, 4)
     check_eval(model, result, x)
+
+
+def test_a_frozen_batchnorm_stays_frozen() -> None:
+    model = randomise_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    bnkit.freeze(model)
+    result = convert(model, "bnact").train()
+    assert result[1].freeze_stats and not result[1].weight.requires_grad
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        assert_close(result(x), model.train()(x), LAYER, "frozen output")
+    assert torch.equal(result[1].running_mean, model[1].running_mean)

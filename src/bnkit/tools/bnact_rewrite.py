@@ -321,9 +321,11 @@ def _sequential_pair(model: nn.Module, name: str, registered: Counter[int]) -> t
 
 def _build(module: nn.Module, activation: Activation, name: str) -> nn.Module:
     from bnkit.layers.batchnorm_act import BatchNormAct
+    from bnkit.tools._convert_layers import _carry_freeze
 
     new = BatchNormAct.from_torch(module, activation.kind, **activation.kwargs())
     new.name = name or None
+    _carry_freeze(module, new)  # a layer frozen by bnkit.freeze stays frozen
     return new
 
 
@@ -355,7 +357,7 @@ def rewrite_bnact(model: nn.Module, found: list[tuple[str, nn.Module, str]], *, 
         ({'1': 'BatchNorm2d + ReLU (module 2) -> BatchNormAct(relu)'}, 'Identity')
     """
     from bnkit.layers.batchnorm_act import BatchNormAct
-    from bnkit.tools._convert_layers import Leave, _kept_reason, _subclass
+    from bnkit.tools._convert_layers import Leave, _carry_freeze, _kept_reason, _subclass
 
     plan = BnactPlan(model)
     registered: Counter[int] = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
@@ -371,6 +373,7 @@ def rewrite_bnact(model: nn.Module, found: list[tuple[str, nn.Module, str]], *, 
                 continue
             new = BatchNormAct.from_torch(module)
             new.name = name or None
+            _carry_freeze(module, new)
             replacements[name] = new
             timm_layers.append(name)
             plan.converted[label] = f"{type(module).__name__} -> BatchNormAct({new.activation})"
