@@ -251,7 +251,7 @@ def test_foreign_hooks_are_reported() -> None:
 def test_bad_arguments(snapshot, same) -> None:
     model = nn.Sequential(nn.BatchNorm1d(3))
     before = snapshot(model)
-    targets = "bnkit, sync, bnkit-sync, torch, torch-sync, group, frozen, trainable"
+    targets = "bnkit, sync, bnkit-sync, torch, torch-sync, group, frozen, trainable, bnact"
     with pytest.raises(ValueError, match=f"to must be one of {targets}; got 'layernorm'"):
         convert(model, "layernorm")
     with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module"):

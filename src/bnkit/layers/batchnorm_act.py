@@ -254,6 +254,9 @@ class BatchNormAct(BatchNorm):
         self.alpha = alpha
         self.memory = memory
         self.exact_channels = exact_channels
+        #: the class this layer was converted from (``"module.QualName"``, set by :meth:`from_torch`), so that
+        #: ``bnkit.convert(model, "torch")`` can give timm's ``BatchNormAct2d`` back; None when built directly
+        self.source_class: str | None = None
         # steps whose gamma gradient could not be kept exact (more ill-conditioned channels than exact_channels);
         # not persistent, so state dicts stay torch.nn's
         self.register_buffer(
@@ -378,10 +381,13 @@ class BatchNormAct(BatchNorm):
         timm's activation (ReLU, LeakyReLU, ELU or Identity, with ``drop`` an Identity) is taken over; any other
         is refused. Extra keyword arguments (``memory``, ``exact_channels``) go to the constructor.
 
+        The source class is recorded in :attr:`source_class`.
+
         Example:
             >>> import torch.nn as nn
-            >>> BatchNormAct.from_torch(nn.BatchNorm2d(4), "leaky_relu").activation
-            'leaky_relu'
+            >>> layer = BatchNormAct.from_torch(nn.BatchNorm2d(4), "leaky_relu")
+            >>> layer.activation, layer.source_class
+            ('leaky_relu', 'torch.nn.modules.batchnorm.BatchNorm2d')
         """
         act = getattr(module, "act", None)
         negative_slope, alpha = 0.01, 1.0
@@ -422,6 +428,7 @@ class BatchNormAct(BatchNorm):
             if mine is not None and theirs is not None:
                 mine.requires_grad_(theirs.requires_grad)
         layer.train(module.training)
+        layer.source_class = f"{type(module).__module__}.{type(module).__qualname__}"
         return layer
 
     def to_torch(self, dim: int | None = None, *, strict: bool = True) -> nn.modules.batchnorm._BatchNorm:

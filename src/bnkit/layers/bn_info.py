@@ -15,6 +15,7 @@ KINDS = (
     "torch",
     "sync",
     "bnkit",
+    "bnkit-bnact",
     "torchvision-frozen",
     "timm-bnact",
     "timm-sync-bnact",
@@ -50,7 +51,8 @@ class BatchNormInfo:
         weight: gamma (a parameter, or a buffer when ``affine_is_buffer``), or None.
         bias: beta, or None.
         affine_is_buffer: gamma/beta are buffers, never trained (FrozenBatchNorm2d).
-        activation: the module applied after normalising (timm's ``act``), or None (identity).
+        activation: the module applied after normalising (timm's ``act``; for ``bnkit.BatchNormAct`` a
+            ``torch.nn`` module equal to its activation, e.g. ``nn.LeakyReLU(0.1)``), or None (identity).
         drop: a module applied between normalising and the activation (timm's ``drop``), or None.
         frozen: the layer normalises with its running statistics whatever its training flag, and never updates
             them: a frozen kind, ``bnkit.BatchNorm(freeze_stats=True)`` or a layer frozen by :func:`bnkit.freeze`.

@@ -19,7 +19,9 @@ kind                        layers
 ==========================  ==========================================================================
 ``"torch"``                 ``torch.nn`` BatchNorm1d/2d/3d, LazyBatchNorm1d/2d/3d and other subclasses
 ``"sync"``                  ``torch.nn.SyncBatchNorm``
-``"bnkit"``                 ``bnkit.BatchNorm``
+``"bnkit"``                 ``bnkit.BatchNorm`` (and subclasses other than the one below)
+``"bnkit-bnact"``           ``bnkit.BatchNormAct`` (and subclasses): ``activation`` is a ``torch.nn`` module
+                            equal to its activation (``nn.ReLU()``, ``nn.LeakyReLU(slope)``, ``nn.ELU(alpha)``)
 ``"torchvision-frozen"``    ``torchvision.ops.FrozenBatchNorm2d`` (timm re-exports this class)
 ``"timm-bnact"``            ``timm.layers.BatchNormAct2d``
 ``"timm-sync-bnact"``       ``timm.layers.SyncBatchNormAct``
@@ -121,12 +123,27 @@ def _describe_torch(module: nn.Module, kind: str, spatial_dims: int | None) -> B
     )
 
 
+def _bnact_activation(module: nn.Module) -> nn.Module | None:
+    """A ``torch.nn`` module computing ``bnkit.BatchNormAct``'s activation (None for the identity)."""
+    activation = getattr(module, "activation", "identity")
+    if activation == "relu":
+        return nn.ReLU()
+    if activation == "leaky_relu":
+        return nn.LeakyReLU(module.negative_slope)
+    if activation == "elu":
+        return nn.ELU(module.alpha)
+    return None
+
+
 def _describe_bnkit(module: nn.Module) -> BatchNormInfo:
+    from bnkit.layers.batchnorm_act import BatchNormAct
+
     keras = module.keras_momentum is not None
     frozen = bool(module.freeze_stats)
+    bnact = isinstance(module, BatchNormAct)
     return BatchNormInfo(
         module=module,
-        kind="bnkit",
+        kind="bnkit-bnact" if bnact else "bnkit",
         num_features=int(module.num_features),
         channel_axis=int(module.axis),
         spatial_dims=None,
@@ -139,7 +156,7 @@ def _describe_bnkit(module: nn.Module) -> BatchNormInfo:
         weight=module.weight,
         bias=module.bias,
         affine_is_buffer=False,
-        activation=None,
+        activation=_bnact_activation(module) if bnact else None,
         drop=None,
         frozen=frozen,
         updates_stats=bool(module.track_running_stats) and not frozen,

@@ -51,12 +51,14 @@ _CONVERT_KIND = {
     "timm-bnact": "act",
     "timm-sync-bnact": "sync-act",
     "timm-frozen-bnact": "frozen-act",
+    "bnkit-bnact": "bnact",
 }
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """How ``convert`` treats a layer: ``torch`` (BatchNorm1d/2d/3d), ``torch-sync``, ``bnkit``, ``act`` (timm
-    BatchNormAct2d), ``sync-act`` (timm SyncBatchNormAct), ``frozen`` (FrozenBatchNorm2d of torchvision, timm or
+    """How ``convert`` treats a layer: ``torch`` (BatchNorm1d/2d/3d), ``torch-sync``, ``bnkit``, ``bnact``
+    (``bnkit.BatchNormAct``), ``act`` (timm BatchNormAct2d), ``sync-act`` (timm SyncBatchNormAct), ``frozen``
+    (FrozenBatchNorm2d of torchvision, timm or
     a look-alike), ``frozen-act`` (timm FrozenBatchNormAct2d), ``subclass`` (a subclass with behaviour of its
     own, or a class taught with ``bnkit.register_batchnorm``), or None (not BatchNorm-like). The recognition is
     :func:`bnkit.layers.kinds.describe_batchnorm`'s.
@@ -76,6 +78,7 @@ def layer_kind(module: nn.Module) -> str | None:
         "torch": cls in TORCH_CLASSES.values(),
         "sync": cls is nn.SyncBatchNorm,
         "bnkit": cls is bnkit_batchnorm_class(),
+        "bnkit-bnact": cls is _bnact_class(),
         "timm-bnact": cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm."),
         "timm-sync-bnact": cls.__name__ == "SyncBatchNormAct" and cls.__module__.startswith("timm."),
         "timm-frozen-bnact": cls.__name__ == "FrozenBatchNormAct2d" and cls.__module__.startswith("timm."),
@@ -85,6 +88,12 @@ def layer_kind(module: nn.Module) -> str | None:
     if not exact.get(info.kind, False):
         return "subclass"
     return _CONVERT_KIND.get(info.kind, info.kind)
+
+
+def _bnact_class() -> type[nn.Module]:
+    from bnkit.layers.batchnorm_act import BatchNormAct
+
+    return BatchNormAct
 
 
 def _factory(module: nn.Module) -> dict[str, Any]:
@@ -157,11 +166,13 @@ def _kept_reason(kind: str, to: str) -> Leave:
     if kind in ("frozen", "frozen-act"):
         warn = to == "group"
         return Leave("frozen layer (statistics and gamma/beta fixed), kept as it is; to='trainable' thaws it", warn)
+    if kind == "sync-act" and to == "bnact":
+        return Leave("timm SyncBatchNormAct: convert to 'torch' first (timm's BatchNormAct2d), then to 'bnact'", True)
     if kind in ("act", "sync-act"):
         hint = "; to='torch-sync' gives timm's SyncBatchNormAct" if to != "bnkit" else ""
         return Leave(
-            "timm BatchNorm+activation layer: bnkit has no BatchNorm+activation layer yet, so it is kept as it "
-            f"is (converting would drop the activation){hint}",
+            "timm BatchNorm+activation layer: bnkit.BatchNorm has no activation, so it is kept as it is "
+            f"(to='bnact' makes it a bnkit.BatchNormAct){hint}",
             True,
         )
     return Leave(f"its target form is not defined for to={to!r}", True)
@@ -179,6 +190,46 @@ def _subclass(module: nn.Module, to: str) -> Leave:
     )
 
 
+def _bnact_other(module: nn.Module, kind: str, to: str) -> str:
+    """``bnkit.BatchNormAct`` under a target without an activation: the identity one is a ``bnkit.BatchNorm``,
+    any other is left as it is (the target would drop the activation)."""
+    if kind != "bnact":
+        return kind
+    if module.activation == "identity":
+        return "bnkit"
+    raise Leave(
+        f"bnkit.BatchNormAct with activation {module.activation!r}: to={to!r} has no form that keeps the "
+        "activation, so it is kept as it is",
+        True,
+    )
+
+
+def _from_timm(module: nn.Module) -> bool:
+    source = getattr(module, "source_class", None) or ""
+    return source.startswith("timm.") and source.endswith(".BatchNormAct2d")
+
+
+def _bnact_to_torch(module: nn.Module, strict: bool) -> nn.Module:
+    """timm's ``BatchNormAct2d`` for a ``bnkit.BatchNormAct`` converted from one (timm importable), else Leave."""
+    if not _from_timm(module):
+        raise Leave(
+            f"bnkit.BatchNormAct with activation {module.activation!r}: torch.nn BatchNorm has no activation and "
+            "the layer was not converted from timm's BatchNormAct2d, so it is kept as it is (its state dict "
+            "loads into nn.BatchNorm2d followed by the activation)",
+            True,
+        )
+    try:
+        timm_class = _timm_class("BatchNormAct2d")
+    except ImportError:
+        raise Leave("converted from timm's BatchNormAct2d, but timm is not importable: kept as it is", True) from None
+    plain = bnkit_batchnorm_class().to_torch(module, 2, strict=strict)  # the settings checks of bnkit -> torch
+    new = _torch_from_torch(plain, timm_class)
+    new.act = describe_batchnorm(module).activation or nn.Identity()
+    if module.freeze_stats and module.track_running_stats:
+        _set_stats(new, True)
+    return new
+
+
 # ----------------------------------------------------------------------------------------------- targets
 
 
@@ -189,7 +240,7 @@ def to_bnkit(name: str, module: nn.Module, kind: str, sync: bool, process_group:
         >>> type(to_bnkit("bn", nn.BatchNorm2d(2), "torch", False, None, None)).__name__
         'BatchNorm'
     """
-    if kind == "bnkit":
+    if kind in ("bnkit", "bnact"):
         return _bnkit_synced(module, process_group) if sync else module
     if kind not in ("torch", "torch-sync"):
         target = "sync" if sync else "bnkit"
@@ -227,6 +278,12 @@ def to_torch(name: str, module: nn.Module, kind: str, dim: int | None, strict: b
     label = name or "<model>"
     if kind == "torch":
         return module
+    if kind == "bnact" and (module.activation != "identity" or _from_timm(module)):
+        try:
+            return _bnact_to_torch(module, strict)
+        except ValueError as err:
+            raise ValueError(f"convert: layer {label!r}: {err}") from None
+    kind = _bnact_other(module, kind, "torch")
     if kind in ("act", "frozen", "frozen-act"):
         if kind == "act":
             raise Leave("timm BatchNormAct2d is already a torch.nn.BatchNorm2d (activation kept)", False)
@@ -255,7 +312,7 @@ def to_torch_sync(module: nn.Module, kind: str, process_group: Any) -> nn.Module
         >>> to_torch_sync(nn.BatchNorm3d(2), "torch", None).bnkit_torch_dim
         3
     """
-    if kind == "bnkit":
+    if kind in ("bnkit", "bnact"):
         return _bnkit_synced(module, process_group)
     if kind in ("torch-sync", "sync-act"):
         return module
@@ -280,6 +337,7 @@ def to_group(
     """
     from bnkit.tools.convert import default_groups
 
+    kind = _bnact_other(module, kind, "group")
     if kind not in ("torch", "torch-sync", "bnkit", "act", "sync-act"):
         raise _subclass(module, "group") if kind == "subclass" else _kept_reason(kind, "group")
     label = name or "<model>"
@@ -334,6 +392,7 @@ def to_frozen(name: str, module: nn.Module, kind: str, dim: int | None) -> nn.Mo
     """
     if kind in ("frozen", "frozen-act"):
         return module
+    kind = _bnact_other(module, kind, "frozen")
     if kind == "subclass":
         raise _subclass(module, "frozen")
     label = name or "<model>"

@@ -35,20 +35,21 @@ from bnkit.tools._convert_layers import (
     to_trainable,
 )
 from bnkit.tools._layer_dims import infer_dims, recorded_ranks
+from bnkit.tools.bnact_rewrite import rewrite_bnact
 from bnkit.tools.freeze import has_foreign_hooks
 from bnkit.tools.model_edit import check_model, copy_unless_inplace, replace_modules
 
 __all__ = ["TARGETS", "ConvertReport", "convert", "convert_with_report", "default_groups"]
 
 #: Accepted values of ``to``.
-TARGETS = ("bnkit", "sync", "bnkit-sync", "torch", "torch-sync", "group", "frozen", "trainable")
+TARGETS = ("bnkit", "sync", "bnkit-sync", "torch", "torch-sync", "group", "frozen", "trainable", "bnact")
 
 _RANK_TO_DIM = {2: 1, 3: 1, 4: 2, 5: 3}
 _NO_INFO = SimpleNamespace(spatial_dims=None)
 # the targets that need to know whether a layer of unknown class is a 1d, 2d or 3d one
 _NEEDS_DIM = {
-    "torch": ("torch-sync", "bnkit"),
-    "frozen": ("torch-sync", "bnkit", "sync-act"),
+    "torch": ("torch-sync", "bnkit", "bnact"),
+    "frozen": ("torch-sync", "bnkit", "bnact", "sync-act"),
     "trainable": ("frozen",),
 }
 
@@ -79,6 +80,8 @@ class ConvertReport:
         skipped: layers the target cannot hold, left as they are, with the reason (a warning names them).
         unrecognised: modules anywhere in the model that hold running statistics (``running_mean`` /
             ``running_var`` buffers) but that bnkit does not recognise as a BatchNorm; they were not touched.
+        notes: what else the user should know about the result (``"bnact"``: that it is a ``torch.fx``
+            GraphModule, when the graph had to be rewritten).
 
     ``len(report)`` and iteration go over ``converted``.
 
@@ -95,6 +98,7 @@ class ConvertReport:
     kept: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     unrecognised: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def __iter__(self) -> Any:
         return iter(self.converted)
@@ -111,10 +115,11 @@ class ConvertReport:
         lines.extend(f"skipped {name}: {reason}" for name, reason in self.skipped.items())
         if self.unrecognised:
             lines.append(f"not recognised (hold running statistics): {', '.join(self.unrecognised)}")
+        lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as plain JSON-serialisable data.
+        """The report as plain JSON-serialisable data (``"notes"`` only when there are some).
 
         Example:
             >>> ConvertReport("torch", unchanged=("0",)).to_dict()["unchanged"]
@@ -127,6 +132,7 @@ class ConvertReport:
             "kept": dict(self.kept),
             "skipped": dict(self.skipped),
             "unrecognised": list(self.unrecognised),
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
 
@@ -264,6 +270,8 @@ def convert_with_report(
 
     result = copy_unless_inplace(model, inplace)
     found = _find(result, layers)
+    if to == "bnact":
+        return _convert_bnact(model, result, found, inplace)
     dims: dict[int, int] = {}
     synced = to in ("bnkit", "sync", "bnkit-sync") and any(kind == "torch-sync" for *_, kind in found)
     if to in ("torch", "frozen", "trainable") or example_inputs is not None or synced:
@@ -293,6 +301,18 @@ def convert_with_report(
     _warn(model, found, replacements, report)
     # The report is returned, not attached to the model: a "torch" result must unpickle without bnkit.
     return replace_modules(result, replacements), report
+
+
+def _convert_bnact(
+    model: nn.Module, result: nn.Module, found: list[tuple[str, nn.Module, str]], inplace: bool
+) -> tuple[nn.Module, ConvertReport]:
+    plan = rewrite_bnact(result, found, inplace=inplace)
+    report = ConvertReport(
+        "bnact", plan.converted, (), plan.kept, plan.skipped, _unrecognised(model), tuple(plan.notes)
+    )
+    converted = {id(m) for name, m, _ in found if (name or "<model>") in plan.converted}
+    _warn(model, found, dict.fromkeys(converted), report)  # type: ignore[arg-type]
+    return plan.model, report
 
 
 def _warn(model: nn.Module, found: list, replacements: dict[int, nn.Module], report: ConvertReport) -> None:
@@ -349,7 +369,7 @@ def convert(
     - ``"bnkit"``: ``torch.nn`` BatchNorm1d/2d/3d and SyncBatchNorm -> ``bnkit.BatchNorm`` (SyncBatchNorm becomes
       ``sync=True`` with its process group). The layer remembers its class (``torch_dim``), so ``"torch"`` gives
       the same class back without running the model. bnkit layers are unchanged; timm's ``BatchNormAct2d`` /
-      ``SyncBatchNormAct`` are kept (bnkit has no BatchNorm+activation layer yet) and frozen layers are kept.
+      ``SyncBatchNormAct`` are kept (``"bnact"`` converts them) and frozen layers are kept.
     - ``"sync"`` (alias ``"bnkit-sync"``): every BatchNorm -> ``bnkit.BatchNorm(sync=True)``: statistics merged
       exactly across ``torch.distributed`` ranks in training, on CPU (gloo) and GPU; bnkit layers keep their
       settings and gain ``sync=True``.
@@ -380,6 +400,21 @@ def convert(
       BatchNormAct) with ``G = groups`` (an int, or a callable ``C -> G``), by default :func:`default_groups`.
       gamma and beta are copied (with their ``requires_grad``); running statistics, momentum and freeze state
       are discarded. The outputs differ from the BatchNorm's, so fine-tune after converting.
+
+    - ``"bnact"``: each ``torch.nn`` BatchNorm (or SyncBatchNorm) followed by its activation, and each timm
+      ``BatchNormAct2d``, -> one ``bnkit.BatchNormAct`` (exact in train and eval; see
+      :mod:`bnkit.tools.bnact_rewrite`). Pairs are found on the model's ``torch.fx`` graph, else among the
+      children of an ``nn.Sequential``. Supported activations: identity, ReLU, LeakyReLU and ELU (slope/alpha
+      > 0), as modules or functions. When the activation module is called once, the BatchNorm is replaced and
+      the activation becomes ``nn.Identity`` (the model keeps its class); when one module is called several
+      times (torchvision's ResNet reuses ``self.relu``) or the activation is a function, the result is a
+      ``torch.fx.GraphModule`` with the activation removed after that BatchNorm (a note in the report says so;
+      not with ``inplace=True``, nor when the traced forward differs in train and eval mode). Left, with the
+      reason: a BatchNorm whose output goes elsewhere (``kept``: e.g. to a residual sum), or to the activation
+      and something else, an unsupported activation (ReLU6, SiLU, ...), a timm drop layer, an activated output
+      modified in place by a later explicit in-place call (``skipped``, with a warning). On the way back,
+      ``"torch"`` gives timm's ``BatchNormAct2d`` for a layer converted from one (``BatchNormAct.source_class``),
+      a ``torch.nn`` BatchNorm for the identity, and leaves any other (listed, with a warning).
 
     A layer the target cannot hold (a subclass with behaviour of its own, timm's BatchNormAct under
     ``"bnkit"``) is left as it is and listed under ``skipped`` in the report, with a warning; the call never

@@ -27,6 +27,7 @@ NAME = "convert"
 DESCRIPTION = (
     "Convert every BatchNorm layer: to bnkit.BatchNorm (exact), to plain torch BatchNorm (also "
     "from SyncBatchNorm), to synchronised bnkit.BatchNorm (sync) or torch.nn.SyncBatchNorm (torch-sync), to "
+<<<<<<< HEAD
     "FrozenBatchNorm2d (frozen) or back to trainable BatchNorm2d (trainable), or to GroupNorm; write the model to "
     "OUT. Layers left as they are, and modules with running statistics bnkit does not recognise, are listed. "
     "With --factory, port weights between Keras and PyTorch instead: a .keras MODEL --to torch into the PyTorch "
@@ -37,6 +38,11 @@ DESCRIPTION = (
 FACTORY_HELP = (
     "port weights between Keras and PyTorch: package.module:factory building the twin model of MODEL (a PyTorch "
     "module for a .keras MODEL with --to torch; a Keras model with --to keras), same layers in the same order"
+=======
+    "FrozenBatchNorm2d (frozen) or back to trainable BatchNorm2d (trainable), to GroupNorm, or BatchNorm + "
+    "activation pairs to bnkit.BatchNormAct (bnact); write the model to "
+    "OUT. Layers left as they are, and modules with running statistics bnkit does not recognise, are listed."
+>>>>>>> bnacttools
 )
 
 
@@ -107,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise CliError(message) from None
     layers = []
     for name, change in report.converted.items():
-        old, new = change.split(" -> ")
+        old, new = change.rsplit(" -> ", 1)
         layers.append({"layer": name, "from": old, "to": new})
     written = write_model(converted, loaded, args, auto="module", extra_inputs=[], example_inputs=example)
     left = {**report.kept, **report.skipped}
@@ -117,6 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "converted": layers,
         "left": [{"layer": name, "reason": reason} for name, reason in left.items()],
         "unrecognised": list(report.unrecognised),
+        "notes": list(report.notes),
     }
 
 
@@ -220,6 +227,7 @@ def render(data: dict[str, Any]) -> list[Table | str]:
         blocks.append(Table("left as they are", ["layer", "reason"], rows))
     if data.get("unrecognised"):
         blocks.append(f"not recognised, hold running statistics: {', '.join(data['unrecognised'])}")
+    blocks.extend(f"note: {note}" for note in data.get("notes", ()))
     blocks.append(
         f"wrote {data['output']} ({data['format']}): {len(data['converted'])} layers converted to {data['to']}"
     )

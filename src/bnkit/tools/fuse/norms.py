@@ -3,10 +3,10 @@
 and activation of a timm ``BatchNormAct2d``), which the fold keeps.
 
 Which layers are BatchNorms is :func:`bnkit.layers.kinds.describe_batchnorm`'s business (torch, SyncBatchNorm,
-bnkit, torchvision/timm FrozenBatchNorm2d, timm BatchNormAct2d/SyncBatchNormAct/FrozenBatchNormAct2d, look-alikes
-and registered classes; never by importing torchvision or timm). What fuse adds is whether it knows the
-``forward`` that runs: a subclass of one of those classes that overrides ``forward`` may compute anything else
-(a fused activation, say), so it is described but not folded.
+bnkit BatchNorm and BatchNormAct, torchvision/timm FrozenBatchNorm2d, timm BatchNormAct2d, SyncBatchNormAct and
+FrozenBatchNormAct2d, look-alikes and registered classes; never by importing torchvision or timm). What fuse adds
+is whether it knows the ``forward`` that runs: a subclass of one of those classes that overrides ``forward`` may
+compute anything else (a fused activation, say), so it is described but not folded.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ _KNOWN_FORWARDS: frozenset[tuple[str, str]] = frozenset(
         ("torch.nn.modules.batchnorm", "_BatchNorm"),
         ("torch.nn.modules.batchnorm", "SyncBatchNorm"),
         ("bnkit.layers.batchnorm", "BatchNorm"),
+        # eval path: the BatchNorm map, then its activation (described as a torch.nn module)
+        ("bnkit.layers.batchnorm_act", "BatchNormAct"),
         ("torchvision.ops.misc", "FrozenBatchNorm2d"),
         ("timm.layers.norm_act", "FrozenBatchNorm2d"),
         ("timm.layers.norm_act", "BatchNormAct2d"),
