@@ -27,8 +27,8 @@ NAME = "convert"
 DESCRIPTION = (
     "Convert every BatchNorm layer: to bnkit.BatchNorm (exact), to plain torch BatchNorm (also "
     "from SyncBatchNorm), to synchronised bnkit.BatchNorm (sync) or torch.nn.SyncBatchNorm (torch-sync), to "
-<<<<<<< HEAD
-    "FrozenBatchNorm2d (frozen) or back to trainable BatchNorm2d (trainable), or to GroupNorm; write the model to "
+    "FrozenBatchNorm2d (frozen) or back to trainable BatchNorm2d (trainable), to GroupNorm, or BatchNorm + "
+    "activation pairs to bnkit.BatchNormAct (bnact); write the model to "
     "OUT. Layers left as they are, and modules with running statistics bnkit does not recognise, are listed. "
     "With --factory, port weights between Keras and PyTorch instead: a .keras MODEL --to torch into the PyTorch "
     "twin the factory builds, or a PyTorch MODEL --to keras into the Keras twin; the port is verified layer by "
@@ -38,11 +38,6 @@ DESCRIPTION = (
 FACTORY_HELP = (
     "port weights between Keras and PyTorch: package.module:factory building the twin model of MODEL (a PyTorch "
     "module for a .keras MODEL with --to torch; a Keras model with --to keras), same layers in the same order"
-=======
-    "FrozenBatchNorm2d (frozen) or back to trainable BatchNorm2d (trainable), to GroupNorm, or BatchNorm + "
-    "activation pairs to bnkit.BatchNormAct (bnact); write the model to "
-    "OUT. Layers left as they are, and modules with running statistics bnkit does not recognise, are listed."
->>>>>>> bnacttools
 )
 
 
