@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "BATCH_NORMS",
     "DOMAIN_NAMES",
     "NEGATIVE_CONTROLS",
     "POLICY_INFO",
@@ -27,6 +28,16 @@ __all__ = [
 
 #: Target domains in the order they are reported (what each shift does: :mod:`bnkit.study.data`).
 DOMAIN_NAMES: tuple[str, ...] = ("contrast", "blur", "noise", "invert")
+
+#: Norms of the batch-size experiment. ``batch_precise`` is not trained separately: it is the ``batch`` model
+#: with its running statistics recomputed over the training set by ``bnkit.recalibrate`` (precise BN).
+BATCH_NORMS: dict[str, str] = {
+    "batch": "BatchNorm",
+    "batch_precise": "BatchNorm + precise statistics",
+    "group": "GroupNorm",
+    "renorm": "Batch Renorm",
+    "ghost": "Ghost BatchNorm",
+}
 
 #: Domains that recalibration is not expected to fix (used by the report to word the conclusion).
 NEGATIVE_CONTROLS: frozenset[str] = frozenset({"invert"})

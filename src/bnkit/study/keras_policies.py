@@ -40,6 +40,7 @@ __all__ = [
     "KERAS_POLICIES",
     "accuracy",
     "apply_keras_policy",
+    "check_head",
     "clone",
     "default_head",
     "fit",
@@ -87,7 +88,17 @@ def default_head(model: Any) -> str:
     return names[-1]
 
 
-def _head_layer(model: Any, head: str) -> Any:
+def check_head(model: Any, head: str) -> Any:
+    """The top-level layer ``head`` of ``model`` (the layer policies 1 and 6 train).
+
+    Raises:
+        ValueError: no such top-level layer (naming the candidates).
+
+    Example:
+        >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="out")])
+        >>> check_head(m, "out").name
+        'out'
+    """
     try:
         return model.get_layer(head)
     except ValueError as exc:
@@ -177,7 +188,7 @@ def _source(model: Any, data: ArrayDataset, cfg: FinetuneSettings, seed: int) ->
 
 
 def _head(model: Any, data: ArrayDataset, cfg: FinetuneSettings, seed: int) -> Any:
-    head = _head_layer(model, cfg.head)
+    head = check_head(model, cfg.head)
     _trainable_only(model, lambda layer: False)
     head.trainable = True
     return fit(model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)

@@ -139,7 +139,9 @@ def conclude_keras(summary: dict[str, Any], momentum: float | None = 0.99) -> li
             + "."
         )
     if defaults:
-        lines += [f"Keras defaults: {line}" for line in conclude({k: v for k, v in summary.items() if k != "exact"})]
+        # the PyTorch study's sentences, less its own freeze sentence (the two-column one above replaces it)
+        torch_lines = conclude({k: v for k, v in summary.items() if k != "exact"})
+        lines += [f"Keras defaults: {line}" for line in torch_lines if not line.startswith("Freeze BN")]
     if exact:
         lines += [f"With exact statistics: {line}" for line in conclude(summary["exact"])][: len(exact)]
     return lines
@@ -201,7 +203,7 @@ def render_keras_markdown(results: dict[str, Any], plots: Sequence[str] = ()) ->
     if summary.get("finetune"):
         header, rows = keras_policy_table(summary)
         out += ["", "## Fine-tuning policies per target domain", "", "`*` marks the best mean of each column.", ""]
-        for key, label in (("source_accuracy", "settled statistics"), ("source_accuracy_moving", "fit()'s moving")):
+        for key, label in (("source_accuracy", "settled"), ("source_accuracy_moving", "fit()'s moving")):
             if summary.get(key, {}).get("n"):
                 out += [f"Source model on source test images ({label} statistics): {fmt(summary[key])}%.", ""]
         out += [markdown_table(header, rows)]

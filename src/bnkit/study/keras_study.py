@@ -54,7 +54,8 @@ class KerasStudyConfig:
         source_epochs: epochs of source pre-training (Adam, batch ``source_batch_size``, lr ``source_lr``).
         source_batch_size: batch size of source pre-training.
         source_lr: Adam learning rate of source pre-training.
-        finetune: settings of the gradient-based policies (``head`` names a top-level layer).
+        finetune: settings of the gradient-based policies (``head`` names a top-level layer; empty: a layer
+            named ``"head"``, else the last top-level layer with weights).
         target_per_class: labelled target-training images per class.
         momentum: BatchNormalization momentum of the bundled network (Keras convention; 0.99 is Keras's default).
         fold: check ``bnkit.keras.fold`` on every fine-tuned model (when bnkit.keras has it).
@@ -202,7 +203,14 @@ def keras_finetune_seed(
         >>> [r["policy"] for r in keras_finetune_seed(cfg, 0)["exact"]]
         ['source']
     """
-    from bnkit.study.keras_policies import accuracy, apply_keras_policy, fit, recalibrate_exact
+    from bnkit.study.keras_policies import (
+        accuracy,
+        apply_keras_policy,
+        check_head,
+        default_head,
+        fit,
+        recalibrate_exact,
+    )
 
     tick = tick or (lambda label: None)
     out: dict[str, Any] = {"source": [], "source_moving": [], "finetune": [], "exact": [], "fold": []}
@@ -210,6 +218,8 @@ def keras_finetune_seed(
     splits = make_splits(seed, target_per_class=cfg.target_per_class)
     start = time.perf_counter()
     source = _source_model(cfg, splits, seed, factory)
+    settings = cfg.finetune if cfg.finetune.head else replace(cfg.finetune, head=default_head(source))
+    check_head(source, settings.head)
     fit(
         source,
         splits.source_train,
@@ -229,7 +239,7 @@ def keras_finetune_seed(
         target_test = make_domain(splits.target_test, domain, seed)
         for policy in cfg.policies:
             start = time.perf_counter()
-            model = apply_keras_policy(policy, source, target_train, cfg.finetune, seed)
+            model = apply_keras_policy(policy, source, target_train, settings, seed)
             row = {"seed": seed, "domain": domain, "policy": policy}
             out["finetune"].append({**row, "accuracy": accuracy(model, target_test)})
             timing["policies"] += time.perf_counter() - start
