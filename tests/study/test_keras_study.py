@@ -129,3 +129,24 @@ def test_table_puts_the_two_columns_side_by_side() -> None:
     assert header == ["policy", "contrast: Keras defaults", "contrast: with exact statistics"]
     assert rows[1][0] == "[3] all layers, BN training"
     assert rows[1][1].startswith("15.2") and rows[1][2].startswith("99.2 ± 0.2 *")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "jax"], "--backend chooses Keras's backend: it needs --framework keras"),
+        (["--framework", "keras", "--norms", "group"], "--norms: not part of the Keras study"),
+        (["--framework", "keras", "--target-data", "t.npz"], "--target-data: not part of the Keras study"),
+        (["--framework", "keras", "--model", "m.keras"], "give package.module:factory returning a new Keras model"),
+        (["--framework", "keras", "--model", "os.path:sep"], "is not callable"),
+    ],
+)
+def test_keras_cli_errors_are_one_line_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    from bnkit.cli.main import main
+
+    assert main(["study", *args, "--out", str(tmp_path / "o")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "o").exists()
