@@ -5,6 +5,11 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import torch
+
+# With KERAS_BACKEND=torch, torch.utils.tensorboard imports TensorFlow, which imports Keras, which loads triton:
+# a segfault unless torch._dynamo was imported first (bnkit.Monitor does it too; a test's own SummaryWriter
+# may come first).
+import torch._dynamo
 from hypothesis import HealthCheck, settings
 
 torch.set_num_threads(1)

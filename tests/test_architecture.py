@@ -18,6 +18,7 @@ RANK = {
     "tools": 3,
     "inspection": 4,
     "keras": 4,
+    "transfer": 4.5,  # Keras <-> PyTorch weight transfer: imports layers, tools and keras; below monitor
     "monitor": 5,
     "study": 6,
     "cli": 7,

@@ -20,7 +20,7 @@ import torch
 import bnkit
 
 SRC = Path(bnkit.__file__).resolve().parent
-PACKAGES = ("shared", "core", "layers", "tools", "inspection", "keras")
+PACKAGES = ("shared", "core", "layers", "tools", "inspection", "keras", "transfer")
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 # Docstring examples known to fail, in files this test's owner does not own; each is reported to its owner.

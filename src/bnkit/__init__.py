@@ -55,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     "shift": "bnkit.inspection.shift",
     "Monitor": "bnkit.monitor.monitor",
     "plot": "bnkit.monitor.plot",
+    "transfer_weights": "bnkit.transfer.port",
 }
 
 __all__ = sorted(_EXPORTS)

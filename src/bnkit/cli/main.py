@@ -81,7 +81,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="bnkit: see what BatchNorm is doing, fix it, and make it behave.",
         epilog="Run 'bnkit COMMAND --help' for a command's options. Models: package.module:factory "
         "[--weights ckpt], a module saved with torch.save (trusted files only), a TorchScript file (summary), or a "
-        "Keras 3 file NAME.keras (explain, summary, doctor, recalibrate, fold; --backend tensorflow|jax|torch).",
+        "Keras 3 file NAME.keras (explain, summary, doctor, recalibrate, fold, convert --factory; "
+        "--backend tensorflow|jax|torch).",
     )
     from bnkit import __version__
 

@@ -28,6 +28,11 @@ _EXPORTS: dict[str, str] = {
     "KerasFreezeReport": "bnkit.keras.freezing",
     "recalibrate": "bnkit.keras.recalibration",
     "KerasRecalibrationReport": "bnkit.keras.recalibration",
+    "fold": "bnkit.keras.folding",
+    "fold_with_report": "bnkit.keras.folding",
+    "KerasFoldReport": "bnkit.keras.folding",
+    "transfer_weights": "bnkit.transfer.port",  # lives above bnkit.keras (it needs torch); imported on first use
+    "Monitor": "bnkit.keras.monitoring",
 }
 
 __all__ = sorted(_EXPORTS)

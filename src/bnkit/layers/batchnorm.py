@@ -971,3 +971,32 @@ class BatchNorm(nn.Module):
         if not center and layer.bias is not None:
             layer.register_parameter("bias", None)
         return layer
+
+    @classmethod
+    def from_keras_layer(cls, layer: Any, axis: int | None = None) -> BatchNorm:
+        """An exact copy of a built Keras ``BatchNormalization`` (config, weights, statistics, ``trainable``).
+
+        See :func:`bnkit.layers.keras_layer.batchnorm_from_keras_layer`.
+
+        Example:
+            >>> import keras
+            >>> k = keras.layers.BatchNormalization(); k.build((None, 4))
+            >>> BatchNorm.from_keras_layer(k, axis=1).axis
+            1
+        """
+        from bnkit.layers.keras_layer import batchnorm_from_keras_layer
+
+        return batchnorm_from_keras_layer(cls, layer, axis)
+
+    def to_keras_layer(self, input_rank: int | None = None, *, strict: bool = True) -> Any:
+        """A built Keras ``BatchNormalization`` computing exactly what this layer computes.
+
+        See :func:`bnkit.layers.keras_layer.batchnorm_to_keras_layer`.
+
+        Example:
+            >>> BatchNorm.from_keras(4, epsilon=1e-5).to_keras_layer().epsilon
+            1e-05
+        """
+        from bnkit.layers.keras_layer import batchnorm_to_keras_layer
+
+        return batchnorm_to_keras_layer(self, input_rank, strict=strict)

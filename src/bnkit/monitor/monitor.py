@@ -24,17 +24,12 @@ serialisation runs on a writer thread (``detach``/``close`` wait for it).
 
 from __future__ import annotations
 
-import atexit
-import json
-import math
 import os
-import queue
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +37,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-from bnkit.core.divergence import gaussian_symmetric_kl
 from bnkit.layers.find import LayerSelector, named_batchnorms
 from bnkit.layers.keras_guard import refuse_keras
+from bnkit.monitor.statistics import STATE_KEYS, Layer, Pending, channel_moments, summarize
+from bnkit.shared.alerts import Alert, AlertRules, MonitorWarning, Thresholds, as_thresholds
+from bnkit.shared.monitor_log import HISTOGRAMS, JSONL_NAME, QUANTITIES, meta_record, read_log
+from bnkit.shared.monitor_writer import TENSORBOARD_MISSING, LogWriter
 
 __all__ = [
+    "HISTOGRAMS",
     "JSONL_NAME",
     "QUANTITIES",
     "Alert",
@@ -56,170 +55,7 @@ __all__ = [
     "read_log",
 ]
 
-#: Name of the JSONL file a :class:`Monitor` writes in its log directory.
-JSONL_NAME = "bn_monitor.jsonl"
-
-#: Per-layer quantities of a stats record, in the order used internally (all floats; None when the layer has
-#: no such thing, e.g. running statistics with ``track_running_stats=False``).
-QUANTITIES: tuple[str, ...] = (
-    "batch_mean",
-    "batch_var",
-    "batch_var_min",
-    "batch_var_max",
-    "running_mean",
-    "running_var",
-    "running_var_min",
-    "running_var_max",
-    "drift",
-    "drift_max",
-    "weight_norm",
-    "bias_norm",
-    "dead_fraction",
-)
-
-#: Per-channel vectors written as TensorBoard histograms.
-HISTOGRAMS: tuple[str, ...] = ("batch_mean", "batch_var", "running_mean", "running_var", "weight", "bias")
-
-_LOG_VERSION = 1
-# float32 sums of squares carry a relative error of a few 1e-8 per element; 2e-6 is a generous bound.
-_F32_SUM_REL_ERR = 2e-6
-# One-pass variances are accepted while their error bound stays below this fraction of max(var, eps).
-_VAR_REL_TOL = 1e-3
-# Below this many contiguous values per (sample, channel), reducing over the outer dimension is faster.
-_INNER_MIN = 32
-
-
-class MonitorWarning(UserWarning):
-    """Warning category of the alerts a :class:`Monitor` raises (filter it with the ``warnings`` module).
-
-    Example:
-        >>> import warnings
-        >>> warnings.simplefilter("ignore", MonitorWarning)
-    """
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """When a :class:`Monitor` raises an alert. ``None`` switches a check off.
-
-    Attributes:
-        drift: alert when a layer's drift (symmetric KL between batch and running statistics, mean over
-            channels) exceeds this. 1.0 is what a one-standard-deviation shift of every channel's mean gives.
-        drift_warmup: no drift alert while the layer's ``num_batches_tracked`` (or, without it, the number of
-            records of the layer) is below this: freshly initialised running statistics (0 and 1) are far
-            from any real data for the first updates.
-        collapse_fraction: variance collapse: alert when at least this fraction of a layer's channels have a
-            batch variance below the layer's eps.
-        var_max: variance explosion: alert when any channel's batch or running variance exceeds this.
-        nonfinite: alert when a batch or running statistic is NaN or infinite.
-
-    Example:
-        >>> Thresholds(drift=0.5).drift
-        0.5
-    """
-
-    drift: float | None = 1.0
-    drift_warmup: int = 100
-    collapse_fraction: float | None = 0.5
-    var_max: float | None = 1e6
-    nonfinite: bool = True
-
-
-@dataclass(frozen=True)
-class Alert:
-    """One alert: a check that started failing for a layer at a step.
-
-    Attributes:
-        step: the monitor step of the record that triggered it.
-        layer: qualified layer name (``""`` when the model is itself a BatchNorm).
-        kind: ``"nonfinite"``, ``"variance_collapse"``, ``"variance_explosion"`` or ``"drift"``.
-        value: the measured value (NaN for ``"nonfinite"``).
-        threshold: the threshold it crossed.
-        message: one line for people.
-
-    Example:
-        >>> Alert(3, "bn1", "drift", 2.5, 1.0, "bn1: drift 2.5 > 1").kind
-        'drift'
-    """
-
-    step: int
-    layer: str
-    kind: str
-    value: float
-    threshold: float
-    message: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (``value`` and ``threshold`` None when not finite).
-
-        Example:
-            >>> Alert(0, "bn", "drift", 2.0, 1.0, "m").to_dict()["value"]
-            2.0
-        """
-        out = asdict(self)
-        out["value"] = _finite_or_none(self.value)
-        out["threshold"] = _finite_or_none(self.threshold)
-        return out
-
-
-class _Layer:
-    """What the monitor keeps about one selected BatchNorm layer."""
-
-    __slots__ = ("eps", "is_bnkit", "module", "name", "records", "seen_step")
-
-    def __init__(self, name: str, module: nn.Module) -> None:
-        self.name = name
-        self.module = module
-        self.eps = float(module.eps)
-        self.is_bnkit = callable(getattr(module, "uses_batch_stats", None)) and callable(
-            getattr(module, "channel_axis", None)
-        )
-        self.seen_step: int | None = None
-        self.records = 0
-
-
-#: Rows of a layer's packed statistics (see :class:`_Pending`).
-_ROWS = ("stat0", "stat1", "running_mean", "running_var", "weight", "bias")
-_STATE_KEYS = _ROWS[2:]
-
-
-class _Pending:
-    """Statistics of one layer taken during a forward call, not yet summarised.
-
-    ``packed`` is a float64 ``[6, C]`` tensor with the rows of :data:`_ROWS`: the first two are the batch's
-    float32 sums and sums of squares when ``raw`` (the CPU fast path, finished at flush time for all layers
-    at once), else its mean and biased variance; then the snapshot of the layer's tensors, NaN where the
-    layer has no such tensor (``state_keys`` names those it has).
-    """
-
-    __slots__ = ("count", "layer", "nbt", "packed", "raw", "skipped", "state", "state_keys", "uses_batch")
-
-    def __init__(self, layer: _Layer) -> None:
-        self.layer = layer
-        self.state: Tensor | None = None
-        self.state_keys: tuple[str, ...] = ()
-        self.nbt: int | Tensor | None = None
-        self.skipped: Tensor | None = None  # bnkit's skipped_batches after the call (non-finite batches)
-        self.packed: Tensor | None = None
-        self.raw = False
-        self.count = 0
-        self.uses_batch = True
-
-    def pack(self, stats: Tensor) -> None:
-        """Store the batch statistics together with the snapshot, as one float64 tensor."""
-        if self.state_keys == _STATE_KEYS:
-            packed = torch.cat((stats, self.state.to(stats.dtype)))
-        else:
-            packed = torch.full((len(_ROWS), stats.shape[1]), math.nan, dtype=torch.float64, device=stats.device)
-            packed[:2] = stats
-            for i, key in enumerate(self.state_keys):
-                packed[_ROWS.index(key)] = self.state[i]
-        self.packed = packed.to(torch.float64)
-        self.state = None
-
-    def snapshot(self, key: str) -> Tensor | None:
-        """Row ``key`` of the packed snapshot, or None when the layer has no such tensor."""
-        return self.packed[_ROWS.index(key)] if key in self.state_keys else None
+_channel_moments = channel_moments  # the name the tests of the input statistics use
 
 
 class Monitor:
@@ -323,7 +159,7 @@ class Monitor:
             )
         if tensorboard is not None and not isinstance(tensorboard, bool):
             raise TypeError(f"Monitor: tensorboard must be True, False or None, got {tensorboard!r}")
-        self.thresholds = _as_thresholds(thresholds)
+        self.thresholds = as_thresholds(thresholds)
         selected = named_batchnorms(model, layers)
         if not selected:
             what = "has no BatchNorm layer" if layers is None else f"has no BatchNorm layer matching {layers!r}"
@@ -333,13 +169,14 @@ class Monitor:
         self.histogram_every = 10 * every if histogram_every is None else histogram_every
         self.warn = warn
         self.auto_step = auto_step
-        self._layers = [_Layer(name, module) for name, module in selected]
+        self._layers = [Layer(name, module) for name, module in selected]
         self._by_id = {id(layer.module): layer for layer in self._layers}
         self.layers: list[str] = [layer.name for layer in self._layers]
 
         self.log_dir: Path | None = Path(log_dir) if log_dir is not None else None
-        self._writer = writer
-        self._owns_writer = False
+        # JSONL and TensorBoard writing happens on a worker thread, off the training loop (see flush).
+        self._log = LogWriter("bnkit.Monitor")
+        self._log.tensorboard = writer
         self._want_tb = tensorboard
         if writer is not None and tensorboard is False:
             raise ValueError("Monitor: writer= was given with tensorboard=False; pass one or the other")
@@ -350,21 +187,16 @@ class Monitor:
         self.keep_history = (self.log_dir is None) if keep_history is None else bool(keep_history)
 
         self.global_step = 0
-        self.alerts: list[Alert] = []
+        self._rules = AlertRules(self.thresholds, warn)
+        self.alerts: list[Alert] = self._rules.alerts
         self.history: list[dict[str, Any]] = []
         self.last: dict[str, dict[str, Any]] = {}
-        self._active: set[tuple[str, str]] = set()
         self._manual = not auto_step
         self._forwards_in_step = 0
         self._recording = True
-        self._pending: list[_Pending] = []
-        self._open: dict[int, _Pending] = {}
+        self._pending: list[Pending] = []
+        self._open: dict[int, Pending] = {}
         self._handles: list[Any] = []
-        # JSONL and TensorBoard writing happens on a worker thread, off the training loop (see _submit).
-        self._queue: queue.Queue[tuple[Any, ...] | None] | None = None
-        self._worker: threading.Thread | None = None
-        self._write_error: BaseException | None = None
-        self._file: Any = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -386,7 +218,15 @@ class Monitor:
             >>> Monitor(nn.BatchNorm1d(2)).writer is None
             True
         """
-        return self._writer
+        return self._log.tensorboard
+
+    @property
+    def _file(self) -> Any:
+        return self._log.file
+
+    @_file.setter
+    def _file(self, value: Any) -> None:
+        self._log.file = value
 
     def attach(self) -> Monitor:
         """Install the hooks and open the log files; a second call does nothing. Returns the monitor.
@@ -423,7 +263,7 @@ class Monitor:
         try:
             self.flush()
         finally:
-            self._stop_worker()
+            self._log.drain()
 
     def close(self) -> None:
         """Detach, flush, close the JSONL file and the TensorBoard writer the monitor created.
@@ -434,16 +274,7 @@ class Monitor:
             >>> Monitor(nn.BatchNorm1d(2)).attach().close()
         """
         self.detach()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._writer is not None:
-            if self._owns_writer:
-                self._writer.close()
-                self._writer = None
-                self._owns_writer = False
-            else:
-                self._writer.flush()
+        self._log.close()
 
     def __enter__(self) -> Monitor:
         return self.attach()
@@ -504,11 +335,11 @@ class Monitor:
             return
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return
-        pending = _Pending(layer)
+        pending = Pending(layer)
         keys, tensors = [], []
         # The registries first: nn.Module.__getattr__ costs more than the rest of this hook.
         buffers, params = module._buffers, module._parameters
-        for key in _STATE_KEYS:
+        for key in STATE_KEYS:
             value = buffers.get(key) if key in buffers else params.get(key) if key in params else None
             if value is None and key not in buffers and key not in params:
                 value = getattr(module, key, None)
@@ -583,7 +414,7 @@ class Monitor:
         if not pending:
             return []
         now = time.time()
-        table, means, variances = _summarize(pending)
+        table, means, variances, packed = summarize(pending)
         step = self.global_step
         records = []
         for p, row in zip(pending, table, strict=True):
@@ -612,171 +443,51 @@ class Monitor:
                 else:
                     record[name] = value
             records.append(record)
-        alerts = [alert for p, rec in zip(pending, records, strict=True) for alert in self._check(p.layer, rec)]
+        alerts = []
+        for p, record in zip(pending, records, strict=True):
+            tracked = record["num_batches_tracked"]
+            seen = p.layer.records if tracked is None else tracked
+            alerts += self._rules.check(p.layer.name, p.layer.eps, seen, record, stacklevel=_user_stacklevel())
         for record in records:
             self.last[record["layer"]] = record
         if self.keep_history:
             self.history.extend(records)
-        self._submit((records, alerts, pending, means, variances, step, now))
+        vectors: list[tuple[str, Any]] = []
+        if self._log.tensorboard is not None and self.histogram_every and step % self.histogram_every == 0:
+            for p, mean, var, rows in zip(pending, means, variances, packed, strict=True):
+                tag_layer = p.layer.name or "(model)"
+                vectors += [(f"bn_hist_batch_mean/{tag_layer}", mean), (f"bn_hist_batch_var/{tag_layer}", var)]
+                vectors += [(f"bn_hist_{key}/{tag_layer}", rows[2 + STATE_KEYS.index(key)]) for key in p.state_keys]
+        self._log.submit(records, alerts, vectors, step, now)
         return records
 
     def _flush_for_step(self) -> None:
-        self._raise_write_error()
+        self._log.raise_error()
         self.flush()
-
-    # ------------------------------------------------------------------ writer thread
-
-    def _submit(self, item: tuple[Any, ...]) -> None:
-        """Queue a step's records for the writer thread (started on first use)."""
-        if self._file is None and self._writer is None:
-            return
-        if self._worker is None:
-            self._queue = queue.Queue()
-            self._worker = threading.Thread(target=self._work, name="bnkit-monitor-writer", daemon=True)
-            self._worker.start()
-            atexit.register(self._stop_worker)
-        self._queue.put(item)
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                if self._write_error is None:
-                    self._write(*item)
-            except BaseException as exc:  # kept for the training thread, which raises it at its next step
-                self._write_error = exc
-            finally:
-                self._queue.task_done()
-
-    def _stop_worker(self) -> None:
-        """Wait until everything queued is written, end the writer thread, raise a write error if one happened."""
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            atexit.unregister(self._stop_worker)
-            self._queue.put(None)
-            worker.join()
-            self._queue = None
-        self._raise_write_error()
-
-    def _raise_write_error(self) -> None:
-        if self._write_error is not None:
-            error, self._write_error = self._write_error, None
-            where = self.log_dir if self.log_dir is not None else "the TensorBoard writer"
-            raise OSError(f"bnkit.Monitor: writing the log to {where} failed: {error}") from error
-
-    def _check(self, layer: _Layer, record: dict[str, Any]) -> list[Alert]:
-        t = self.thresholds
-        name = layer.name or "(model)"
-        checks: list[tuple[str, bool, float, float, str]] = []
-        stats = [record[k] for k in ("batch_mean", "batch_var", "running_mean", "running_var") if record[k] is not None]
-        if t.nonfinite:
-            bad = [
-                k
-                for k in ("batch_mean", "batch_var", "running_mean", "running_var")
-                if record[k] is not None and not math.isfinite(record[k])
-            ]
-            checks.append(
-                (
-                    "nonfinite",
-                    bool(bad),
-                    math.nan,
-                    math.nan,
-                    f"{name}: non-finite {', '.join(bad)} at step {record['step']}",
-                )
-            )
-        finite = all(math.isfinite(v) for v in stats)
-        if t.collapse_fraction is not None:
-            frac = record["dead_fraction"]
-            checks.append(
-                (
-                    "variance_collapse",
-                    finite and frac >= t.collapse_fraction,
-                    frac,
-                    t.collapse_fraction,
-                    f"{name}: variance collapse at step {record['step']}: {frac:.0%} of channels have "
-                    f"batch variance below eps={layer.eps:g}",
-                )
-            )
-        if t.var_max is not None:
-            peak = max(v for v in (record["batch_var_max"], record["running_var_max"]) if v is not None)
-            checks.append(
-                (
-                    "variance_explosion",
-                    finite and peak > t.var_max,
-                    peak,
-                    t.var_max,
-                    f"{name}: variance explosion at step {record['step']}: a channel variance of "
-                    f"{peak:.4g} exceeds {t.var_max:g}",
-                )
-            )
-        if t.drift is not None and record["drift"] is not None:
-            tracked = record["num_batches_tracked"]
-            seen = layer.records if tracked is None else tracked
-            drift = record["drift"]
-            fired = finite and seen >= t.drift_warmup and drift > t.drift
-            checks.append(
-                (
-                    "drift",
-                    fired,
-                    drift,
-                    t.drift,
-                    f"{name}: drift {drift:.4g} between batch and running statistics exceeds "
-                    f"{t.drift:g} at step {record['step']}",
-                )
-            )
-        out = []
-        for kind, fired, value, threshold, message in checks:
-            key = (layer.name, kind)
-            if not fired:
-                self._active.discard(key)
-                continue
-            if key in self._active:
-                continue
-            self._active.add(key)
-            alert = Alert(record["step"], layer.name, kind, float(value), float(threshold), message)
-            self.alerts.append(alert)
-            out.append(alert)
-            if self.warn:
-                warnings.warn(message, MonitorWarning, stacklevel=_user_stacklevel())
-        return out
 
     # ------------------------------------------------------------------ outputs
 
     def _open_outputs(self) -> None:
-        if self.log_dir is not None and self._file is None:
-            try:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ValueError(f"Monitor: cannot create log_dir {str(self.log_dir)!r}: {exc}") from exc
-            self._file = open(self.log_dir / JSONL_NAME, "a", encoding="utf-8")
-            meta = {
-                "kind": "meta",
-                "version": _LOG_VERSION,
-                "time": time.time(),
-                "every": self.every,
-                "thresholds": asdict(self.thresholds),
-                "layers": [
-                    {
-                        "name": layer.name,
-                        "type": type(layer.module).__name__,
-                        "channels": int(getattr(layer.module, "num_features", 0) or 0),
-                        "eps": layer.eps,
-                    }
-                    for layer in self._layers
-                ],
-            }
-            self._file.write(json.dumps(meta) + "\n")
-            self._file.flush()
-        if self._writer is None and self.log_dir is not None and self._want_tb is not False:
+        if self.log_dir is not None and self._log.file is None:
+            layers = [
+                {
+                    "name": layer.name,
+                    "type": type(layer.module).__name__,
+                    "channels": int(getattr(layer.module, "num_features", 0) or 0),
+                    "eps": layer.eps,
+                }
+                for layer in self._layers
+            ]
+            self._log.open_jsonl(self.log_dir, meta_record(self.every, asdict(self.thresholds), layers))
+        if self._log.tensorboard is None and self.log_dir is not None and self._want_tb is not False:
+            _import_compiler_before_tensorflow()
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
                 if self._want_tb:
                     raise ImportError(
-                        "bnkit.Monitor: TensorBoard output needs the tensorboard package: pip install "
-                        "'bnkit[monitor]' (or tensorboard), or pass tensorboard=False to write only JSONL"
+                        f"bnkit.Monitor: TensorBoard output needs the tensorboard package: {TENSORBOARD_MISSING}, "
+                        "or pass tensorboard=False to write only JSONL"
                     ) from exc
                 warnings.warn(
                     "bnkit.Monitor: tensorboard is not installed; writing only "
@@ -786,351 +497,32 @@ class Monitor:
                 )
                 self._want_tb = False
                 return
-            self._writer = SummaryWriter(log_dir=str(self.log_dir))
-            self._owns_writer = True
-
-    def _write(
-        self,
-        records: list[dict[str, Any]],
-        alerts: list[Alert],
-        pending: list[_Pending],
-        means: list[Tensor],
-        variances: list[Tensor],
-        step: int,
-        now: float,
-    ) -> None:
-        if self._file is not None:
-            lines = [json.dumps(_jsonable(r), allow_nan=False) for r in records]
-            lines += [json.dumps(_alert_record(alert), allow_nan=False) for alert in alerts]
-            self._file.write("\n".join(lines) + "\n")
-            self._file.flush()
-        if self._writer is None:
-            return
-        scalars: list[tuple[str, float]] = []
-        for record in records:
-            tag_layer = record["layer"] or "(model)"
-            for name in QUANTITIES:
-                value = record[name]
-                if value is not None:
-                    scalars.append((f"bn_{name}/{tag_layer}", value))
-            scalars.append((f"bn_uses_batch_stats/{tag_layer}", float(record["uses_batch_stats"])))
-        histograms: list[tuple[str, dict[str, Any]]] = []
-        if self.histogram_every and step % self.histogram_every == 0:
-            vectors: list[tuple[str, Tensor]] = []
-            for p, mean, var in zip(pending, means, variances, strict=True):
-                tag_layer = p.layer.name or "(model)"
-                vectors += [(f"bn_hist_batch_mean/{tag_layer}", mean), (f"bn_hist_batch_var/{tag_layer}", var)]
-                vectors += [(f"bn_hist_{key}/{tag_layer}", p.snapshot(key)) for key in p.state_keys]
-            histograms = _histograms(vectors)
-        _write_tensorboard(self._writer, scalars, histograms, step, now)
+            self._log.tensorboard = SummaryWriter(log_dir=str(self.log_dir))
+            self._log.owns_tensorboard = True
 
 
-# ---------------------------------------------------------------------- statistics
-
-
-def _channel_moments(x: Tensor, axis: int, mask: Tensor | None, eps: float) -> tuple[Tensor, bool, int]:
-    """Per-channel statistics of ``x`` over every axis but ``axis``: ``(stats [2, C], raw, values per channel)``.
-
-    ``raw``: ``stats`` holds float32 sums and sums of squares, to be finished in float64 (:func:`_summarize`);
-    otherwise float64 mean and biased variance. ``torch.var_mean`` is exact but runs several times slower than
-    the BatchNorm layer itself on CPU, so on CPU one pass of float32 sums is used, unless a channel's
-    ``|mean| >> std`` would make ``E[x^2] - E[x]^2`` inaccurate (relative error above 1e-3 of
-    ``max(var, eps)``): then the layer's statistics are computed exactly in two passes.
-    """
-    channels = x.shape[axis]
-    dims = tuple(d for d in range(x.ndim) if d != axis)
-    if mask is not None:
-        from bnkit.core.moments import channel_moments
-
-        full_mask = mask.unsqueeze(axis).expand_as(x) if mask.ndim == x.ndim - 1 else mask
-        m = channel_moments(x.double(), dims, full_mask)
-        count = m.count.clamp_min(1.0)
-        return torch.stack((m.mean, m.m2 / count)), False, int(m.count.min())
-    count = x.numel() // channels
-    if x.dtype in (torch.float16, torch.bfloat16) or not x.is_floating_point():
-        x = x.float()
-    if x.device.type != "cpu":
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        return torch.stack((mean, var)).double(), False, count
-    flat = _channel_view(x, axis)
-    if flat.ndim == 3 and flat.shape[2] >= _INNER_MIN:  # (outer, C, inner): reduce the contiguous inner run
-        s1 = flat.sum(dim=2).sum(dim=0)
-        s2 = torch.linalg.vecdot(flat, flat, dim=2).sum(dim=0)
-    else:  # short inner runs: reduce over rows of (outer, C * inner), vectorised across the columns
-        rows = flat.reshape(flat.shape[0], -1)
-        s1 = rows.sum(dim=0)
-        s2 = torch.linalg.vecdot(rows, rows, dim=0)
-        if flat.ndim == 3:
-            s1 = s1.view(channels, -1).sum(dim=1)
-            s2 = s2.view(channels, -1).sum(dim=1)
-    # One-pass error bound ~ _F32_SUM_REL_ERR * E[x^2]; it exceeds _VAR_REL_TOL * max(var, eps) when
-    # mean^2 > (1 - r) E[x^2] (and E[x^2] > eps / r, left out: exactly zero channels never trigger),
-    # r = _F32_SUM_REL_ERR / _VAR_REL_TOL. One fused expression, one sync (free on CPU).
-    r = _F32_SUM_REL_ERR / _VAR_REL_TOL
-    if not bool(torch.addcmul(s2, s1, s1, value=-1.0 / ((1.0 - r) * count)).min() < 0):
-        return torch.stack((s1, s2)), True, count
-    shape = [1] * x.ndim
-    shape[axis] = channels
-    shift = (s1 / count).view(shape)
-    centred = x - shift
-    d1 = centred.sum(dim=dims).double() / count
-    d2 = (centred * centred).sum(dim=dims).double() / count
-    return torch.stack((shift.flatten().double() + d1, (d2 - d1 * d1).clamp_min(0.0))), False, count
-
-
-def _channel_view(x: Tensor, axis: int) -> Tensor:
-    """A copy-free view of ``x`` as ``(outer, C, inner)`` or ``(rows, C)``; copies only odd layouts."""
-    channels = x.shape[axis]
-    if x.ndim >= 3 and axis == 1:
-        last = torch.channels_last if x.ndim == 4 else torch.channels_last_3d if x.ndim == 5 else None
-        if last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=last):
-            return x.movedim(1, -1).reshape(-1, channels)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    outer = math.prod(x.shape[:axis])
-    inner = math.prod(x.shape[axis + 1 :])
-    if inner == 1:
-        return x.view(outer, channels)
-    return x.view(outer, channels, inner)
-
-
-def _summarize(pending: list[_Pending]) -> tuple[list[list[float]], list[Tensor], list[Tensor]]:
-    """Rows of :data:`QUANTITIES` plus num_batches_tracked, and per-layer batch mean/variance vectors.
-
-    Every layer is summarised at once on one flat float64 tensor (segment reductions, about twenty tensor
-    operations whatever the number of layers) and read back with one device sync.
-    """
-    device = pending[0].packed.device
-    f64 = torch.float64
-    lengths_list = [p.packed.shape[1] for p in pending]
-    lengths = torch.tensor(lengths_list, device=device)
-    per_layer = torch.tensor([[p.layer.eps, float(p.count), float(p.raw)] for p in pending], dtype=f64, device=device)
-    eps, count, raw = torch.repeat_interleave(per_layer, lengths, dim=0).unbind(1)
-    s0, s1, rm, rv, w, b = torch.cat([p.packed.to(device) for p in pending], dim=1).unbind(0)
-    # Raw layers hold float32 sums: finish them in float64 here, all layers at once.
-    is_raw = raw > 0
-    mean = torch.where(is_raw, s0 / count, s0)
-    var = torch.where(is_raw, (s1 / count - mean * mean).clamp_min(0.0), s1)
-    kl = gaussian_symmetric_kl(mean, var + eps, rm, rv + eps, eps=0.0)
-    dead = (var < eps).to(f64)
-
-    def seg(rows: tuple[Tensor, ...], reduce: str) -> Tensor:
-        return torch.segment_reduce(
-            torch.stack(rows), reduce, lengths=lengths.expand(len(rows), -1), axis=1, unsafe=True
-        )
-
-    means = seg((mean, var, rm, rv, kl, dead, w * w, b * b), "mean")
-    mins = seg((var, rv), "min")
-    maxs = seg((var, rv, kl), "max")
-    norms = (means[6:] * lengths).sqrt()
-    nbt = torch.tensor([p.nbt if isinstance(p.nbt, int) else math.nan for p in pending], dtype=f64, device=device)
-    for i, p in enumerate(pending):
-        if isinstance(p.nbt, Tensor):
-            nbt[i] = p.nbt.to(device, f64)
-    # Columns in the order of QUANTITIES, then num_batches_tracked.
-    table = torch.stack(
-        (
-            means[0], means[1], mins[0], maxs[0],  # batch mean, var, var min, var max
-            means[2], means[3], mins[1], maxs[1],  # running mean, var, var min, var max
-            means[4], maxs[2],  # drift, drift max
-            norms[0], norms[1], means[5], nbt,  # weight norm, bias norm, dead fraction
-        ),
-        dim=1,
-    )  # fmt: skip
-    return table.tolist(), list(mean.split(lengths_list)), list(var.split(lengths_list))
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _as_thresholds(value: Thresholds | Mapping[str, Any] | None) -> Thresholds:
-    if value is None:
-        return Thresholds()
-    if isinstance(value, Thresholds):
-        return value
-    if isinstance(value, Mapping):
-        known = {f.name for f in fields(Thresholds)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"Monitor: unknown threshold(s) {unknown}; known: {sorted(known)}")
-        return Thresholds(**value)
-    raise TypeError(f"Monitor: thresholds must be a Thresholds, a dict or None, got {type(value).__name__}")
-
-
-def _alert_record(alert: Alert) -> dict[str, Any]:
-    """The JSONL form of an alert: ``kind`` is ``"alert"`` and the alert's own kind goes under ``"alert"``."""
-    fields_ = alert.to_dict()
-    return {"kind": "alert", "alert": fields_.pop("kind"), **fields_}
+_SKIP_FRAMES = (str(Path(__file__).parent), str(Path(nn.__file__).parent), str(Path(__file__).parents[1] / "shared"))
 
 
 def _user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning point at the first frame outside bnkit's monitor and torch.nn."""
-    skip = (str(Path(__file__).parent), str(Path(nn.__file__).parent))
     frame = sys._getframe(1)
     level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
+    while frame is not None and frame.f_code.co_filename.startswith(_SKIP_FRAMES):
         frame = frame.f_back
         level += 1
     return level
 
 
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def _import_compiler_before_tensorflow() -> None:
+    """Import ``torch._dynamo`` before ``torch.utils.tensorboard`` can import TensorFlow, when Keras runs on torch.
 
-
-def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
-    """Strict JSON: non-finite floats become null and are named under ``"nonfinite"``."""
-    out = {}
-    bad = []
-    for key, value in record.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            bad.append(key)
-            value = None
-        out[key] = value
-    if bad:
-        out["nonfinite"] = bad
-    return out
-
-
-def _histograms(vectors: list[tuple[str, Tensor]], bins: int = 30) -> list[tuple[str, dict[str, Any]]]:
-    """Histograms of many small vectors at once: ``(tag, fields of add_histogram_raw)``; equal-width bins.
-
-    One pass of tensor operations for all vectors, instead of a NumPy histogram per tag (which costs more
-    than the whole monitoring of a step). Vectors with a non-finite value are left out (TensorBoard refuses
-    them; the scalars report them).
+    ``torch.utils.tensorboard`` imports TensorFlow when it is installed; TensorFlow imports Keras, which on the
+    torch backend imports ``torch._dynamo`` and with it triton, whose LLVM then clashes with TensorFlow's already
+    loaded one: the process dies with a segmentation fault (TF 2.21, torch 2.14, triton 3.x). In the other order
+    both load.
     """
-    if not vectors:
-        return []
-    f64 = torch.float64
-    device = vectors[0][1].device
-    flat = torch.cat([v.detach().to(device, f64).flatten() for _, v in vectors])
-    lengths_list = [v.numel() for _, v in vectors]
-    lengths = torch.tensor(lengths_list, device=device)
-    seg = torch.segment_reduce
-    vmin, vmax = seg(flat, "min", lengths=lengths), seg(flat, "max", lengths=lengths)
-    total, squares = seg(flat, "sum", lengths=lengths), seg(flat * flat, "sum", lengths=lengths)
-    # Constant vectors get a unit-wide range around their value, as NumPy's histogram does.
-    constant = vmax == vmin
-    low = torch.where(constant, vmin - 0.5, vmin)
-    high = torch.where(constant, vmax + 0.5, vmax)
-    width = (high - low) / bins
-    owner = torch.repeat_interleave(torch.arange(len(vectors), device=device), lengths)
-    index = ((flat - low[owner]) / width[owner]).floor().nan_to_num(0.0).clamp(0, bins - 1).long()
-    counts = torch.zeros(len(vectors) * bins, dtype=f64, device=device)
-    counts.index_add_(0, owner * bins + index, torch.ones_like(flat))
-    table = torch.cat(
-        [torch.stack((vmin, vmax, total, squares, low, width), dim=1), counts.view(len(vectors), bins)], dim=1
-    ).tolist()
-    out = []
-    for (tag, _), count, row in zip(vectors, lengths_list, table, strict=True):
-        lo, hi, total_, squares_, start, step_ = row[:6]
-        if not all(math.isfinite(v) for v in (lo, hi, total_, squares_)):
-            continue
-        # TensorBoard stores right bucket edges; the leading empty bucket carries the left edge.
-        limits = [start + step_ * k for k in range(bins + 1)]
-        fields_ = {
-            "min": lo,
-            "max": hi,
-            "num": count,
-            "sum": total_,
-            "sum_squares": squares_,
-            "bucket_limits": limits,
-            "bucket_counts": [0.0, *row[6:]],
-        }
-        out.append((tag, fields_))
-    return out
-
-
-def _write_tensorboard(
-    writer: Any,
-    scalars: list[tuple[str, float]],
-    histograms: list[tuple[str, dict[str, Any]]],
-    step: int,
-    walltime: float,
-) -> None:
-    """Everything of a step as one TensorBoard event when the writer allows it.
-
-    One event per step (instead of one per tag) keeps the writer's bounded queue from blocking training while
-    its background thread catches up.
-    """
-    get_file_writer = getattr(writer, "_get_file_writer", None)
-    if callable(get_file_writer):
-        try:
-            from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
-        except ImportError:
-            get_file_writer = None
-    if not callable(get_file_writer):
-        for tag, value in scalars:
-            writer.add_scalar(tag, value, step, walltime=walltime)
-        for tag, fields_ in histograms:
-            writer.add_histogram_raw(tag, global_step=step, walltime=walltime, **fields_)
+    if "tensorflow" in sys.modules or "torch._dynamo" in sys.modules:
         return
-    values = [Summary.Value(tag=tag, simple_value=value) for tag, value in scalars]
-    for tag, h in histograms:
-        proto = HistogramProto(
-            min=h["min"],
-            max=h["max"],
-            num=h["num"],
-            sum=h["sum"],
-            sum_squares=h["sum_squares"],
-            bucket_limit=h["bucket_limits"],
-            bucket=h["bucket_counts"],
-        )
-        values.append(Summary.Value(tag=tag, histo=proto))
-    get_file_writer().add_summary(Summary(value=values), step, walltime)
-
-
-def read_log(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a monitor log: a log directory (its ``bn_monitor.jsonl``) or the JSONL file itself.
-
-    Returns:
-        ``{"meta": [...], "stats": [...], "alerts": [...]}``: lists of the records of each kind, in file
-        order (a file appended to by several runs has several meta records). Nulls written for non-finite
-        values are read back as NaN in the stats records.
-
-    Raises:
-        ValueError: the file is missing, unreadable, or a line is not a JSON object.
-
-    Example:
-        >>> import tempfile
-        >>> d = tempfile.mkdtemp()
-        >>> model = nn.BatchNorm1d(2).train()
-        >>> with Monitor(model, log_dir=d, tensorboard=False):
-        ...     _ = model(torch.randn(4, 2))
-        >>> len(read_log(d)["stats"])
-        1
-    """
-    path = Path(path)
-    file = path / JSONL_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(
-            f"{str(file)!r}: no monitor log here; pass the log_dir given to bnkit.Monitor or its {JSONL_NAME}"
-        )
-    out: dict[str, list[dict[str, Any]]] = {"meta": [], "stats": [], "alerts": []}
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{str(file)!r}: cannot read the monitor log: {exc}") from exc
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(text.splitlines()):
-                break  # a run still writing (or killed) may leave a partial last line
-            raise ValueError(f"{str(file)!r} line {number}: not JSON ({exc.msg}); is this a monitor log?") from exc
-        if not isinstance(record, dict):
-            raise ValueError(f"{str(file)!r} line {number}: expected a JSON object; is this a monitor log?")
-        kind = record.get("kind")
-        if kind == "stats":
-            for key in record.get("nonfinite", ()):
-                record[key] = math.nan
-            out["stats"].append(record)
-        elif kind == "alert":
-            out["alerts"].append(record)
-        elif kind == "meta":
-            out["meta"].append(record)
-    return out
+    if os.environ.get("KERAS_BACKEND", "").strip().lower() == "torch":
+        import torch._dynamo  # noqa: F401

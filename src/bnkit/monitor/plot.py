@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bnkit.monitor.monitor import JSONL_NAME, read_log
+from bnkit.shared.monitor_log import JSONL_NAME, read_log
 
 __all__ = ["plot"]
 

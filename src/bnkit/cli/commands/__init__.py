@@ -62,7 +62,7 @@ __all__ = [
 MODEL_HELP = (
     "the model: package.module:factory (called without arguments; use --weights for a checkpoint), a module "
     "saved with torch.save(model, path) (unpickled: trusted files only), a TorchScript file (summary only), or "
-    "a Keras 3 model file NAME.keras (explain, summary, doctor, recalibrate, fold; see --backend)"
+    "a Keras 3 model file NAME.keras (explain, summary, doctor, recalibrate, fold, convert --factory; see --backend)"
 )
 BACKEND_HELP = (
     "Keras backend for a .keras model (sets KERAS_BACKEND before Keras is imported; default: Keras's own "
