@@ -75,6 +75,16 @@ def test_both_columns_present_and_finite_for_every_policy(quick_jax: tuple[dict,
     assert defaults["recalibrate"]["mean"] == pytest.approx(exact["recalibrate"]["mean"])
 
 
+def test_fold_check_folds_every_model_with_identical_predictions(quick_jax: tuple[dict, Path]) -> None:
+    _, out = quick_jax
+    results = json.loads((out / "results.json").read_text())
+    fold = results["summary"]["fold"]
+    assert fold["models"] == len(POLICIES) == fold["identical_predictions"]
+    assert fold["remaining_batchnorms"] == 0 and fold["max_abs_logit_diff"] < 1e-3
+    assert all(r["folded"] == 3 for r in results["rows"]["fold"])
+    assert "Fold check (bnkit.keras.fold)" in (out / "report.md").read_text()
+
+
 def test_cli_own_keras_model_on_tensorflow(tmp_path: Path) -> None:
     out = tmp_path / "own"
     code = f"""

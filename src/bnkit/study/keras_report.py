@@ -138,6 +138,12 @@ def conclude_keras(summary: dict[str, Any], momentum: float | None = 0.99) -> li
             + ", ".join(f"{d} / {p} ({fmt(defaults[d][p])}% -> {fmt(exact[d][p])}%)" for d, p in bn_train)
             + "."
         )
+    fold = summary.get("fold")
+    if fold:
+        lines.append(
+            f"Fold: {fold['identical_predictions']} of {fold['models']} fine-tuned models give identical predictions "
+            f"after bnkit.keras.fold (largest logit difference {fold['max_abs_logit_diff']:.1e})."
+        )
     if defaults:
         # the PyTorch study's sentences, less its own freeze sentence (the two-column one above replaces it)
         torch_lines = conclude({k: v for k, v in summary.items() if k != "exact"})
@@ -212,7 +218,8 @@ def render_keras_markdown(results: dict[str, Any], plots: Sequence[str] = ()) ->
         out += ["", "## Fold check (bnkit.keras.fold)", ""]
         out += [
             f"- Models folded: {fold['models']}; identical predictions: {fold['identical_predictions']}; "
-            f"largest logit difference: {fold['max_abs_logit_diff']:.2e}."
+            f"largest logit difference: {fold['max_abs_logit_diff']:.2e}; BatchNormalization layers left: "
+            f"{fold.get('remaining_batchnorms', 0)}."
         ]
     if plots:
         out += ["", "## Plots", ""]

@@ -33,7 +33,7 @@ from bnkit.study.keras_data import make_domain, make_splits
 from bnkit.study.keras_report import conclude_keras, write_keras_outputs
 from bnkit.study.report import summarize
 
-__all__ = ["KerasStudyConfig", "keras_finetune_seed", "run_keras_study", "validate_keras_config"]
+__all__ = ["KerasStudyConfig", "fold_check", "keras_finetune_seed", "run_keras_study", "validate_keras_config"]
 
 QUICK_NOTE = (
     "Quick run: one seed and fewer epochs than the default run (no spread, and a single seed's winners can be "
@@ -58,7 +58,8 @@ class KerasStudyConfig:
             named ``"head"``, else the last top-level layer with weights).
         target_per_class: labelled target-training images per class.
         momentum: BatchNormalization momentum of the bundled network (Keras convention; 0.99 is Keras's default).
-        fold: check ``bnkit.keras.fold`` on every fine-tuned model (when bnkit.keras has it).
+        fold: check ``bnkit.keras.fold`` on every fine-tuned model (after recalibration, as the exact-statistics
+            column scores it): the folded model's predictions must equal the original's.
         quick: a reduced run (one seed, fewer epochs).
 
     Example:
@@ -133,21 +134,23 @@ def validate_keras_config(cfg: KerasStudyConfig) -> KerasStudyConfig:
     return replace(cfg, policies=policies, seeds=tuple(int(s) for s in cfg.seeds))
 
 
-def _fold_available() -> bool:
-    import bnkit.keras
-
-    return "fold" in getattr(bnkit.keras, "__all__", ())
-
-
 def fold_check(model: Any, x: Any) -> dict[str, Any]:
     """Fold every BatchNormalization of ``model`` with ``bnkit.keras.fold`` and compare predictions on ``x``.
+
+    The folded model is built without ``fold``'s own check; the comparison here is the study's (class
+    predictions and the largest logit difference, both models in inference mode). ``model`` is left untouched.
+
+    Returns:
+        ``identical_predictions``, ``disagreements``, ``max_abs_logit_diff``, ``folded`` (layers folded) and
+        ``remaining_batchnorms`` (layers fold left, with its reasons in ``skipped``).
 
     Example:
         >>> import numpy as np
         >>> from bnkit.study.keras_model import digits_net
-        >>> x = np.random.rand(8, 8, 8, 1).astype("float32")
-        >>> fold_check(digits_net(), x)["identical_predictions"]  # doctest: +SKIP
-        True
+        >>> x = np.random.default_rng(0).random((8, 8, 8, 1), dtype=np.float32)
+        >>> check = fold_check(digits_net(), x)
+        >>> check["identical_predictions"], check["folded"], check["remaining_batchnorms"]
+        (True, 3, 0)
     """
     import numpy as np
 
@@ -155,7 +158,7 @@ def fold_check(model: Any, x: Any) -> dict[str, Any]:
     from bnkit.keras.compat import import_keras
 
     keras = import_keras()
-    folded = bnkit.keras.fold(model)
+    folded, report = bnkit.keras.fold_with_report(model, check=False)
     ref = keras.ops.convert_to_numpy(model(x, training=False))
     out = keras.ops.convert_to_numpy(folded(x, training=False))
     disagreements = int((ref.argmax(-1) != out.argmax(-1)).sum())
@@ -163,6 +166,9 @@ def fold_check(model: Any, x: Any) -> dict[str, Any]:
         "identical_predictions": disagreements == 0,
         "disagreements": disagreements,
         "max_abs_logit_diff": float(np.abs(ref - out).max()),
+        "folded": len(report.folded),
+        "remaining_batchnorms": len(report.skipped),
+        "skipped": [str(s) for s in report.skipped],
     }
 
 
@@ -233,7 +239,6 @@ def keras_finetune_seed(
     out["source"].append({"seed": seed, "accuracy": accuracy(source, splits.source_test)})
     timing["pretrain"] += time.perf_counter() - start
     tick(f"seed {seed}: source model")
-    fold = cfg.fold and _fold_available()
     for domain in cfg.domains:
         target_train = make_domain(splits.target_train, domain, seed)
         target_test = make_domain(splits.target_test, domain, seed)
@@ -247,7 +252,7 @@ def keras_finetune_seed(
             recalibrate_exact(model, target_train, cfg.finetune.recalibration_batch_size)
             out["exact"].append({**row, "accuracy": accuracy(model, target_test)})
             timing["recalibrate"] += time.perf_counter() - start
-            if fold:
+            if cfg.fold:
                 start = time.perf_counter()
                 out["fold"].append({**row, **fold_check(model, target_test.x)})
                 timing["fold"] += time.perf_counter() - start
@@ -315,12 +320,12 @@ def run_keras_study(
         summary["fold"] = {
             "models": len(rows["fold"]),
             "identical_predictions": sum(bool(r["identical_predictions"]) for r in rows["fold"]),
+            "disagreements": sum(int(r["disagreements"]) for r in rows["fold"]),
             "max_abs_logit_diff": max(float(r["max_abs_logit_diff"]) for r in rows["fold"]),
+            "remaining_batchnorms": sum(int(r["remaining_batchnorms"]) for r in rows["fold"]),
         }
     conclusion = conclude_keras(summary, cfg.momentum if factory is None else None)
-    notes = []
-    if cfg.fold and not _fold_available():
-        notes.append("fold check skipped: this bnkit has no bnkit.keras.fold")
+    notes: list[str] = []
     if cfg.quick:
         conclusion.insert(0, QUICK_NOTE)
     model_text = (
