@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bnkit.study.catalog import NEGATIVE_CONTROLS
+
 __all__ = [
     "DOMAINS",
     "NEGATIVE_CONTROLS",
@@ -111,9 +113,6 @@ DOMAINS: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = {
     "noise": _noise,
     "invert": _invert,
 }
-
-#: Domains that recalibration is not expected to fix (used by the report to word the conclusion).
-NEGATIVE_CONTROLS: frozenset[str] = frozenset({"invert"})
 
 
 def load_digits_tensors() -> Dataset:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnkit.study.catalog import BATCH_NORMS
 from bnkit.study.data import DOMAINS, Dataset, Splits, make_domain, make_splits
 from bnkit.study.model import DigitsNet
 from bnkit.study.policies import POLICIES, FinetuneSettings, apply_policy, recalibration_batches
@@ -38,16 +39,6 @@ __all__ = [
     "shift_scores",
     "trained_batch_norms",
 ]
-
-#: Norms of the batch-size experiment. ``batch_precise`` is not trained separately: it is the ``batch`` model
-#: with its running statistics recomputed over the training set by ``bnkit.recalibrate`` (precise BN).
-BATCH_NORMS: dict[str, str] = {
-    "batch": "BatchNorm",
-    "batch_precise": "BatchNorm + precise statistics",
-    "group": "GroupNorm",
-    "renorm": "Batch Renorm",
-    "ghost": "Ghost BatchNorm",
-}
 
 Tick = Callable[[str], None]
 

@@ -30,34 +30,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from bnkit.study.catalog import POLICY_INFO, FinetuneSettings, resolve_policy
 from bnkit.study.data import Dataset
 from bnkit.study.train import batches, train
 
 __all__ = ["POLICIES", "FinetuneSettings", "Policy", "apply_policy", "recalibration_batches", "resolve_policy"]
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """How the gradient-based policies train on the labelled target split.
-
-    Attributes:
-        epochs: passes over the target-training split.
-        batch_size: samples per step.
-        lr: Adam learning rate.
-        head: qualified name of the classification head (policies 1 and 6 train only it).
-        recalibration_batch_size: batch size when feeding target images to ``bnkit.recalibrate``; the
-            precise population statistics do not depend on it.
-
-    Example:
-        >>> FinetuneSettings(epochs=5).batch_size
-        32
-    """
-
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    head: str = "head"
-    recalibration_batch_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -153,53 +130,20 @@ def _recalibrate_head(model: nn.Module, data: Dataset, cfg: FinetuneSettings, se
     return _head(_recalibrate(model, data, cfg, seed), data, cfg, seed)
 
 
-#: Every policy by key, in the order of the issue (source baseline first).
+#: Every policy by key, in the order of the issue (source baseline first); names and titles from
+#: :data:`bnkit.study.catalog.POLICY_INFO`.
+_IMPLEMENTATIONS: dict[str, Callable[[nn.Module, Dataset, FinetuneSettings, int], nn.Module]] = {
+    "source": _source,
+    "head": _head,
+    "all_bn_frozen": _all_bn_frozen,
+    "all": _all,
+    "bn_only": _bn_only,
+    "recalibrate": _recalibrate,
+    "recalibrate_head": _recalibrate_head,
+}
 POLICIES: dict[str, Policy] = {
-    p.key: p
-    for p in [
-        Policy("source", 0, "source model", "the source model untouched (baseline)", False, _source),
-        Policy("head", 1, "head only, BN frozen", "head only, BN in inference mode (Keras guide)", True, _head),
-        Policy(
-            "all_bn_frozen",
-            2,
-            "all layers, BN frozen",
-            "all layers train, BN kept in inference mode (Keras guide when unfreezing)",
-            True,
-            _all_bn_frozen,
-        ),
-        Policy(
-            "all",
-            3,
-            "all layers, BN training",
-            "all layers train, BN in training mode (plain model.train())",
-            True,
-            _all,
-        ),
-        Policy(
-            "bn_only",
-            4,
-            "BN layers only",
-            "BN statistics and gamma/beta train, everything else frozen (Stack Overflow recipe)",
-            True,
-            _bn_only,
-        ),
-        Policy(
-            "recalibrate",
-            5,
-            "recalibrate (AdaBN)",
-            "BN statistics recomputed on target images with bnkit.recalibrate, no gradient step",
-            False,
-            _recalibrate,
-        ),
-        Policy(
-            "recalibrate_head",
-            6,
-            "recalibrate + head",
-            "bnkit.recalibrate, then head only with BN in inference mode",
-            True,
-            _recalibrate_head,
-        ),
-    ]
+    key: Policy(info.key, info.number, info.title, info.description, info.trains, _IMPLEMENTATIONS[key])
+    for key, info in POLICY_INFO.items()
 }
 
 
@@ -232,18 +176,3 @@ def apply_policy(
     key = resolve_policy(policy)
     model = copy.deepcopy(source_model)
     return POLICIES[key].apply(model, data, settings, seed).eval()
-
-
-def resolve_policy(policy: str) -> str:
-    """The key of ``policy`` given as a key or as its number.
-
-    Example:
-        >>> resolve_policy("4"), resolve_policy("bn_only")
-        ('bn_only', 'bn_only')
-    """
-    if policy in POLICIES:
-        return policy
-    for key, p in POLICIES.items():
-        if str(p.number) == str(policy).strip():
-            return key
-    raise ValueError(f"unknown policy {policy!r}: choose from {', '.join(POLICIES)} (or their numbers 0-6)")

@@ -29,8 +29,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bnkit.study.data import NEGATIVE_CONTROLS
-from bnkit.study.policies import POLICIES
+from bnkit.study.catalog import NEGATIVE_CONTROLS, policy_title
 
 __all__ = [
     "COST_ORDER",
@@ -38,12 +37,15 @@ __all__ = [
     "conclude",
     "fmt",
     "latency_summary",
+    "markdown_table",
     "plot_batch_sizes",
     "plot_policies",
+    "policy_table",
     "render_markdown",
     "stats",
     "summarize",
     "tied",
+    "write_atomic_text",
     "write_outputs",
 ]
 
@@ -223,10 +225,7 @@ def latency_summary(latency_rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _title(policy: str) -> str:
-    p = POLICIES.get(policy)
-    if p is None:
-        return policy
-    return f"[{p.number}] {p.title}" if p.number else p.title
+    return policy_title(policy)
 
 
 def _points(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -422,7 +421,15 @@ def _check_shift_advice(domain: str, entry: dict[str, Any], per_policy: dict[str
     return ""
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table of ``header`` and ``rows`` (cells already formatted).
+
+    Example:
+        >>> print(markdown_table(["a", "b"], [["1", "2"]]))
+        | a | b |
+        |---|---|
+        | 1 | 2 |
+    """
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -532,17 +539,17 @@ def render_markdown(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
         out += ["", "## Fine-tuning policies per target domain", "", "`*` marks the best mean of each domain.", ""]
         if "source_accuracy" in summary and summary["source_accuracy"]["n"]:
             out += [f"Source model on source test images: {fmt(summary['source_accuracy'])}%.", ""]
-        out += [_markdown_table(header, rows)]
+        out += [markdown_table(header, rows)]
     if summary.get("shift"):
         header, rows = shift_table(summary)
         out += ["", "## Domain-shift score (bnkit.shift on the source model) next to the winner", ""]
-        out += [_markdown_table(header, rows)]
+        out += [markdown_table(header, rows)]
     if summary.get("batch_size"):
         header, rows = batch_table(summary, titles)
         out += ["", "## Accuracy vs per-step batch size (trained from scratch)", ""]
         if results.get("batch_protocol"):
             out += [results["batch_protocol"], ""]
-        out += [_markdown_table(header, rows)]
+        out += [markdown_table(header, rows)]
     fuse = summary.get("fuse")
     if fuse:
         out += ["", "## Fusion check (bnkit.fuse)", ""]
@@ -572,7 +579,11 @@ def render_markdown(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_policies(summary: dict[str, Any], path: Path) -> Path:
+def plot_policies(
+    summary: dict[str, Any],
+    path: Path,
+    title: str = "Fine-tuning policy per target domain (mean ± std over seeds)",
+) -> Path:
     """Grouped bars: accuracy per policy per domain, with standard-deviation error bars. Returns ``path``.
 
     Example:
@@ -601,7 +612,7 @@ def plot_policies(summary: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(range(len(domains)), domains)
     ax.set_ylabel("held-out target accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Fine-tuning policy per target domain (mean ± std over seeds)")
+    ax.set_title(title)
     # below the axes: inside, it would hide the low bars of the domains nothing fixes
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.09), frameon=False)
     ax.grid(axis="y", alpha=0.3)
@@ -671,7 +682,15 @@ def _save_figure(fig: Any, path: Path) -> None:
         raise
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory, then an atomic rename.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+        >>> write_atomic_text(p, "hi"); p.read_text()
+        'hi'
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     _umask_mode(tmp)
@@ -721,7 +740,7 @@ def write_outputs(results: dict[str, Any], out: str | os.PathLike[str], *, plots
                 )
                 plot_paths.append(str(paths["batch_size_plot"]))
     paths["results"] = out_dir / "results.json"
-    _write_text(paths["results"], json.dumps(results, indent=2, allow_nan=True) + "\n")
+    write_atomic_text(paths["results"], json.dumps(results, indent=2, allow_nan=True) + "\n")
     paths["report"] = out_dir / "report.md"
-    _write_text(paths["report"], render_markdown(results, plot_paths))
+    write_atomic_text(paths["report"], render_markdown(results, plot_paths))
     return paths

@@ -9,6 +9,12 @@ Labelled data (``--source-data``/``--target-data``): a ``.pt``/``.pth`` file hol
 pair or a dict with inputs under ``x``/``inputs``/``input``/``data``/``images`` and labels under
 ``y``/``labels``/``label``/``targets``/``target``; a ``.npz`` with the same keys; or ``package.module:factory``
 returning such a pair or an iterable of ``(inputs, labels)`` batches. Models as every bnkit command takes them.
+
+With ``--framework keras`` the study runs with Keras 3 (``--backend tensorflow|jax|torch`` picks Keras's backend;
+see :mod:`bnkit.study.keras_study`): every policy is reported with "Keras defaults" and "with exact statistics".
+``--model package.module:factory`` then names a function returning a new Keras model for the digits
+(``[N, 8, 8, 1]`` images in, 10 logits out), which the study pre-trains. The Keras path never imports torch
+unless the backend is torch.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from bnkit.cli.commands import add_trust_pickle
-from bnkit.cli.io import CliError, is_factory_spec, load_model, require_eager
+from bnkit.cli.commands import add_backend, add_trust_pickle
+from bnkit.cli.files import CliError, is_factory_spec
 from bnkit.cli.output import Table
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "study"
 HELP = "should I freeze BatchNorm when fine-tuning? measured answer"
@@ -59,9 +66,9 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         >>> args.quick, args.seeds, args.out
         (True, [0, 1, 2], 'bnkit-study')
     """
-    from bnkit.study.data import DOMAINS
-    from bnkit.study.experiments import BATCH_NORMS
-    from bnkit.study.policies import POLICIES
+    from bnkit.study.catalog import BATCH_NORMS
+    from bnkit.study.catalog import DOMAIN_NAMES as DOMAINS
+    from bnkit.study.catalog import POLICY_INFO as POLICIES
 
     policy_help = ", ".join(f"{p.number}={k}" for k, p in POLICIES.items())
     parser = subparsers.add_parser(
@@ -74,6 +81,13 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--model: the same policies on your model and labelled data.",
     )
     parser.add_argument("--quick", action="store_true", help="fewer epochs and batch sizes (about a minute)")
+    parser.add_argument(
+        "--framework",
+        choices=["torch", "keras"],
+        default="torch",
+        help="run the study with PyTorch (default) or with Keras 3 (--backend picks Keras's backend)",
+    )
+    add_backend(parser)
     parser.add_argument(
         "--seeds",
         nargs="+",
@@ -101,7 +115,9 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="batch sizes of the batch-size experiment (default 2 4 8 16 32; --quick 2 8 32)",
     )
     parser.add_argument("--no-batch-study", action="store_true", help="skip the batch-size experiment")
-    parser.add_argument("--no-fuse", action="store_true", help="skip the bnkit.fuse check")
+    parser.add_argument(
+        "--no-fuse", action="store_true", help="skip the bnkit.fuse check (Keras: the bnkit.keras.fold check)"
+    )
     parser.add_argument(
         "--jobs",
         type=int,
@@ -119,7 +135,8 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--model",
         default=None,
         metavar="MODEL",
-        help="package.module:factory or a module saved with torch.save (trusted files only)",
+        help="package.module:factory or a module saved with torch.save (trusted files only); with --framework "
+        "keras: package.module:factory returning a new Keras model for the digits",
     )
     own.add_argument("--weights", default=None, metavar="CKPT", help="state dict to load into --model")
     add_trust_pickle(own)
@@ -152,6 +169,7 @@ def build_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _labelled_from_object(obj: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     import numpy as np
+    import torch
 
     def tensor(value: Any, what: str) -> torch.Tensor:
         if isinstance(value, np.ndarray):
@@ -191,13 +209,14 @@ def load_labelled(spec: str) -> Any:
         CliError: missing file, unknown format, no labels, labels that are not one integer per sample.
 
     Example:
-        >>> import tempfile, pathlib
+        >>> import tempfile, pathlib, torch
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "d.pt"
         >>> torch.save((torch.zeros(4, 3), torch.tensor([0, 1, 0, 1])), path)
         >>> len(load_labelled(str(path)))
         4
     """
     import numpy as np
+    import torch
 
     from bnkit.study.data import Dataset
 
@@ -253,6 +272,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise CliError(f"--out {args.out!r} exists and is not a directory")
     console = _stderr_console()
     command = _command_line()
+    if getattr(args, "framework", "torch") == "keras":
+        return _run_keras(args, command)
+    if getattr(args, "backend", None) is not None:
+        raise CliError("--backend chooses Keras's backend: it needs --framework keras")
     if args.model is not None:
         return _run_custom(args, console, command)
     if args.weights or args.source_data or args.target_data:
@@ -289,7 +312,66 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise CliError(f'{exc} (pip install "bnkit[study]")') from exc
 
 
+def _run_keras(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """``--framework keras``: check the options that apply, choose the backend, then run the Keras study."""
+    from dataclasses import replace
+
+    from bnkit.cli.keras_io import select_backend
+
+    torch_only = {
+        "--weights": args.weights,
+        "--source-data": args.source_data,
+        "--target-data": args.target_data,
+        "--norms": args.norms,
+        "--batch-sizes": args.batch_sizes,
+        "--jobs": args.jobs,
+        "--trust-pickle": getattr(args, "trust_pickle", False) or None,
+    }
+    given = [flag for flag, value in torch_only.items() if value is not None]
+    if given:
+        raise CliError(
+            f"{', '.join(given)}: not part of the Keras study (it runs the bundled digits design; --model names "
+            "a Keras model factory); leave them out or use --framework torch"
+        )
+    if args.model is not None and not is_factory_spec(args.model):
+        raise CliError(
+            f"--model {args.model!r}: with --framework keras give package.module:factory returning a new Keras model"
+        )
+    select_backend(args.backend)
+    from bnkit.cli.files import import_attr
+    from bnkit.study.catalog import FinetuneSettings
+    from bnkit.study.keras_study import KerasStudyConfig, run_keras_study
+
+    factory = import_attr(args.model, "model") if args.model is not None else None
+    if factory is not None and not callable(factory):
+        raise CliError(f"--model {args.model!r} is not callable: name a function returning a new Keras model")
+    try:
+        cfg = KerasStudyConfig.quick_config() if args.quick else KerasStudyConfig()
+        overrides: dict[str, Any] = {}
+        if args.seeds is not None:
+            overrides["seeds"] = tuple(args.seeds)
+        if args.domains is not None:
+            overrides["domains"] = tuple(args.domains)
+        if args.policies is not None:
+            overrides["policies"] = tuple(args.policies)
+        if args.no_fuse:
+            overrides["fold"] = False
+        settings = FinetuneSettings(
+            epochs=args.epochs or cfg.finetune.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            head=args.head or ("head" if factory is None else ""),
+        )
+        cfg = replace(cfg, finetune=settings, **overrides)
+        return run_keras_study(cfg, out=args.out, factory=factory, model_spec=args.model, command=command)
+    except ImportError as exc:
+        raise CliError(f'{exc} (pip install "bnkit[study,keras]")') from exc
+    except (ValueError, TypeError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from exc
+
+
 def _run_custom(args: argparse.Namespace, console: Any, command: str) -> dict[str, Any]:
+    from bnkit.cli.io import load_model, require_eager
     from bnkit.study.custom import run_custom_study
     from bnkit.study.policies import POLICIES, FinetuneSettings
 
@@ -348,6 +430,12 @@ def render(data: dict[str, Any]) -> list[Table | str]:
 
     summary = data.get("summary", {})
     blocks: list[Table | str] = []
+    if data.get("framework") == "keras" and summary.get("finetune"):
+        from bnkit.study.keras_report import keras_policy_table
+
+        header, rows = keras_policy_table(summary)
+        blocks.append(Table("held-out target accuracy (%): Keras defaults | with exact statistics", header, rows))
+        summary = {k: v for k, v in summary.items() if k != "finetune"}
     if summary.get("finetune"):
         header, rows = policy_table(summary)
         blocks.append(Table("held-out target accuracy (%), mean ± std over seeds; * = best", header, rows))
