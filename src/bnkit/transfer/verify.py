@@ -84,7 +84,19 @@ def _inference_checks(
             iso_err = diagnose.rel_error(_output(pair, iso), expected_out)
         classes = f"{pair.keras.class_name} -> {' + '.join(type(m).__name__ for _, m in pair.modules)}"
         status, reason = "ok", ""
-        if iso_err > rtol and in_err <= rtol:
+        if in_err > rtol and previous_ok:
+            # the previous layer matched but this input does not: the mistake sits between the two layers
+            status = "diverged"
+            prev = pairs[index - 1] if index else None
+            prev_out = None
+            if prev is not None:
+                raw = calls[prev.call_index + len(prev.modules) - 1].output
+                prev_out = raw + _channel(bias_offset(prev), raw.ndim)
+                if pair.folded_from is not None:
+                    prev_out = prev_out - _channel(bias_offset(pair.folded_from), raw.ndim)
+            reason = diagnose.between_reason(prev, prev_out, first.input, expected_in, rtol)
+        elif iso_err > rtol:
+            # the layer on Keras's own input differs: the mistake is in this layer
             status = "diverged"
             k_values, t_values = read_keras(pair), read_torch(pair)
             reason = diagnose.layer_reason(
@@ -98,31 +110,7 @@ def _inference_checks(
                 rtol,
             )
         elif in_err > rtol:
-            if previous_ok:
-                status = "diverged"
-                prev = pairs[index - 1] if index else None
-                prev_out = None
-                if prev is not None:
-                    raw = calls[prev.call_index + len(prev.modules) - 1].output
-                    prev_out = raw + _channel(bias_offset(prev), raw.ndim)
-                    if pair.folded_from is not None:
-                        prev_out = prev_out - _channel(bias_offset(pair.folded_from), raw.ndim)
-                reason = diagnose.between_reason(prev, prev_out, first.input, expected_in, rtol)
-            elif iso_err > rtol:
-                status = "diverged"
-                k_values, t_values = read_keras(pair), read_torch(pair)
-                reason = diagnose.layer_reason(
-                    pair,
-                    k_values,
-                    t_values,
-                    expected_torch(pair, k_values),
-                    expected_in,
-                    expected_out,
-                    tuple(keras_in.shape),
-                    rtol,
-                )
-            else:
-                status, reason = "upstream", "input differs because of an earlier divergence; the layer itself matches"
+            status, reason = "upstream", "input differs because of an earlier divergence; the layer itself matches"
         previous_ok = out_err <= rtol
         diverged = diverged or status == "diverged"
         checks.append(LayerCheck(pair.keras.name, pair.torch_names, classes, "inference", out_err, status, reason))
