@@ -287,13 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     try:
         cfg = StudyConfig.quick_config() if args.quick else StudyConfig()
-        overrides: dict[str, Any] = {}
-        if args.seeds is not None:
-            overrides["seeds"] = tuple(args.seeds)
-        if args.domains is not None:
-            overrides["domains"] = tuple(args.domains)
-        if args.policies is not None:
-            overrides["policies"] = tuple(args.policies)
+        overrides = _design_overrides(args)
         if args.norms is not None:
             overrides["batch_norms"] = tuple(args.norms)
         if args.batch_sizes is not None:
@@ -310,6 +304,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     except ImportError as exc:
         raise CliError(f'{exc} (pip install "bnkit[study]")') from exc
+
+
+def _design_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The design options both studies share (--seeds, --domains, --policies) as config overrides."""
+    chosen = {"seeds": args.seeds, "domains": args.domains, "policies": args.policies}
+    return {key: tuple(value) for key, value in chosen.items() if value is not None}
 
 
 def _run_keras(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -347,13 +347,7 @@ def _run_keras(args: argparse.Namespace, command: str) -> dict[str, Any]:
         raise CliError(f"--model {args.model!r} is not callable: name a function returning a new Keras model")
     try:
         cfg = KerasStudyConfig.quick_config() if args.quick else KerasStudyConfig()
-        overrides: dict[str, Any] = {}
-        if args.seeds is not None:
-            overrides["seeds"] = tuple(args.seeds)
-        if args.domains is not None:
-            overrides["domains"] = tuple(args.domains)
-        if args.policies is not None:
-            overrides["policies"] = tuple(args.policies)
+        overrides = _design_overrides(args)
         if args.no_fuse:
             overrides["fold"] = False
         settings = FinetuneSettings(
