@@ -1,8 +1,9 @@
 """Everything bnkit.keras asks of Keras that is not its documented public API, probed at run time.
 
 Keras is imported here on first use (never at ``import bnkit``: Keras reads ``KERAS_BACKEND`` when imported).
-Private attributes (``_flatten_layers``, ``_inbound_nodes``, node arguments) are read only in this module, each
-with a fallback, so a Keras release that moves them degrades one answer instead of breaking every tool.
+Private attributes (``_flatten_layers``, ``_inbound_nodes``, ``_nodes_by_depth``, a Sequential model's
+``_functional``, node arguments, the JAX trainer's ``_jax_state``) are read only in this module, each with a
+fallback, so a Keras release that moves them degrades one answer instead of breaking every tool.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Any
 __all__ = [
     "backend",
     "construction_training",
+    "functional_graph",
     "import_keras",
     "is_batchnorm",
     "is_model",
+    "jax_fit_state",
     "sublayers",
 ]
 
@@ -244,3 +247,45 @@ def optimizer_steps(model: Any) -> int | None:
     if iterations is None:
         return None
     return int(to_numpy(iterations))
+
+
+def functional_graph(model: Any) -> tuple[list[Any], list[Any]] | None:
+    """The call nodes of a Sequential or functional ``model`` in call order and its output tensors, or None.
+
+    Reads ``_nodes_by_depth`` (a Sequential model's, on its ``_functional``); None when the model has no graph
+    (a subclassed model, a Sequential model never built with an input) or this Keras keeps it elsewhere. The
+    nodes are Keras's ``Node`` objects (``operation``, ``is_input``, ``input_tensors``, ``outputs``,
+    ``arguments``).
+
+    Example:
+        >>> keras = import_keras()
+        >>> inp = keras.Input((3,)); d = keras.layers.Dense(3, name="d")
+        >>> nodes, outputs = functional_graph(keras.Model(inp, d(d(inp))))
+        >>> [n.operation.name for n in nodes if not n.is_input], len(outputs)
+        (['d', 'd'], 1)
+        >>> functional_graph(keras.layers.Dense(2)) is None
+        True
+    """
+    keras = import_keras()
+    source = getattr(model, "_functional", None) if isinstance(model, keras.Sequential) else model
+    by_depth = getattr(source, "_nodes_by_depth", None)
+    outputs = getattr(source, "outputs", None)
+    if not isinstance(by_depth, dict) or outputs is None:
+        return None
+    nodes = [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
+    return nodes, list(outputs)
+
+
+def jax_fit_state(model: Any) -> dict[str, Any] | None:
+    """The variable values JAX's ``fit()`` holds between steps (``model._jax_state``) while they are newer than the
+    variables, else None (other backends, outside ``fit()``, or once Keras has written them back).
+
+    Example:
+        >>> keras = import_keras()
+        >>> jax_fit_state(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])) is None
+        True
+    """
+    state = getattr(model, "_jax_state", None)
+    if not state or getattr(model, "_jax_state_synced", True):
+        return None
+    return state

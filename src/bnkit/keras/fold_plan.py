@@ -1,10 +1,10 @@
 """Which BatchNormalization layers :func:`bnkit.keras.fold` folds, into which layer, and why the others stay.
 
 The plan is read from the graph of each Sequential or functional container (nested ones included, each once),
-in call order. Keras keeps that graph in private attributes (``_nodes_by_depth``, ``Node.operation``,
-``Node.input_tensors``, ``Node.outputs``, ``Node.arguments``; a Sequential model's ``_functional``): they are read
-here only, in :func:`read_graph`, and a Keras release that moves them gives a one-line error naming this module
-instead of a wrong fold.
+in call order. Keras keeps that graph in private attributes (``_nodes_by_depth``, a Sequential model's
+``_functional``), read by :func:`bnkit.keras.compat.functional_graph`; :func:`read_graph` reads the nodes
+(``Node.operation``, ``input_tensors``, ``outputs``, ``arguments``), and a Keras release that moves any of them
+gives a one-line error naming this module instead of a wrong fold.
 
 Rules, per BatchNormalization call (paths are ``/``-joined layer names, as everywhere in bnkit.keras):
 
@@ -122,7 +122,7 @@ def is_graph_model(layer: Any) -> bool:
     """
     keras = compat.import_keras()
     return isinstance(layer, keras.Sequential) or (
-        compat.is_model(layer) and isinstance(getattr(layer, "_nodes_by_depth", None), dict)
+        compat.is_model(layer) and compat.functional_graph(layer) is not None
     )
 
 
@@ -140,27 +140,24 @@ def read_graph(model: Any) -> Graph:
         (2, 2)
     """
     keras = compat.import_keras()
-    source = getattr(model, "_functional", None) if isinstance(model, keras.Sequential) else model
-    by_depth = getattr(source, "_nodes_by_depth", None)
-    if not isinstance(by_depth, dict):
+    graph = compat.functional_graph(model)
+    if graph is None:
         raise ValueError(
             f"bnkit.keras.fold: cannot read the graph of {model.name} ({type(model).__name__}); build it with a "
             "keras.Input first (bnkit/keras/fold_plan.py reads Keras's private graph attributes)"
         )
+    nodes, output_tensors = graph
     calls = []
     try:
-        for depth in sorted(by_depth, reverse=True):
-            for node in by_depth[depth]:
-                if node.operation is None or node.is_input:
-                    continue
-                inputs = list(node.input_tensors)
-                rank = len(inputs[0].shape) if inputs and getattr(inputs[0], "shape", None) is not None else None
-                kwargs = getattr(node.arguments, "kwargs", None) or {}
-                training = kwargs.get("training")
-                calls.append(
-                    Call(node.operation, [id(t) for t in inputs], [id(t) for t in node.outputs], rank, training)
-                )
-        outputs = {id(t) for t in source.outputs}
+        for node in nodes:
+            if node.operation is None or node.is_input:
+                continue
+            inputs = list(node.input_tensors)
+            rank = len(inputs[0].shape) if inputs and getattr(inputs[0], "shape", None) is not None else None
+            kwargs = getattr(node.arguments, "kwargs", None) or {}
+            training = kwargs.get("training")
+            calls.append(Call(node.operation, [id(t) for t in inputs], [id(t) for t in node.outputs], rank, training))
+        outputs = {id(t) for t in output_tensors}
     except AttributeError as error:
         raise ValueError(
             f"bnkit.keras.fold: this Keras ({keras.__version__}) keeps its graph differently ({error}); "

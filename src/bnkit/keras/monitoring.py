@@ -10,9 +10,9 @@ moving statistics did not move ran in inference mode (``trainable=False``, ``tra
 ``call()``, a bnkit layer with ``freeze_stats``): its record says ``uses_batch_stats: false`` and has no batch
 statistics.
 
-Private Keras state read here: on JAX, ``fit()`` keeps the variables' values in ``model._jax_state`` between
-steps (the variables themselves are emptied); the callback reads them there, and reads the variables when that
-attribute is absent.
+Private Keras state read here (through :func:`bnkit.keras.compat.jax_fit_state`): on JAX, ``fit()`` keeps the
+variables' values in the trainer's state between steps (the variables themselves are emptied); the callback
+reads them there, and reads the variables when that state is absent.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class _Group:
 
 def _reader(model: Any, variables: list[Any]) -> Any:
     """A function returning the values of ``variables`` as one flat float64 NumPy vector, with as few backend
-    calls as the backend allows (one TF graph call; on JAX the values ``fit()`` holds in ``model._jax_state``)."""
+    calls as the backend allows (one TF graph call; on JAX the values ``fit()`` holds, :func:`compat.jax_fit_state`)."""
     if not variables:
         return lambda: np.zeros(0)
     backend = compat.backend()
@@ -112,9 +112,7 @@ def _reader(model: Any, variables: list[Any]) -> Any:
     where = [index.get(id(v), (None, -1)) for v in variables]
 
     def read() -> np.ndarray:
-        state = getattr(model, "_jax_state", None)
-        if not state or getattr(model, "_jax_state_synced", True):
-            state = None
+        state = compat.jax_fit_state(model)
         values = []
         for variable, (kind, i) in zip(variables, where, strict=True):
             held = state.get(kind) if state is not None and kind is not None else None
