@@ -832,35 +832,9 @@ class BatchNorm(nn.Module):
             >>> type(BatchNorm.from_torch(nn.BatchNorm3d(4)).to_torch()).__name__
             'BatchNorm3d'
         """
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise TypeError(
-                f"BatchNorm.from_torch expects a torch.nn BatchNorm module. Received: {type(module).__name__}"
-            )
-        ref = module.weight if module.weight is not None else module.running_mean
-        layer = cls(
-            module.num_features,
-            eps=module.eps,
-            momentum=module.momentum,
-            affine=module.affine,
-            track_running_stats=module.track_running_stats,
-            sync=isinstance(module, nn.SyncBatchNorm),
-            process_group=getattr(module, "process_group", None),
-            device=None if ref is None else ref.device,
-            dtype=None if ref is None else ref.dtype,
-        )
-        if module.track_running_stats and module.running_mean is None:
-            raise ValueError("BatchNorm.from_torch: the module tracks running stats but its buffers are None")
-        if module.affine and module.bias is None:  # torch >= 2.13 BatchNorm(bias=False)
-            layer.register_parameter("bias", None)
-        layer.load_state_dict(module.state_dict())
-        for mine, theirs in ((layer.weight, module.weight), (layer.bias, module.bias)):
-            if mine is not None and theirs is not None:
-                mine.requires_grad_(theirs.requires_grad)
-        layer.train(module.training)
-        for dim, torch_class in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
-            if isinstance(module, torch_class):
-                layer.torch_dim = dim
-        return layer
+        from bnkit.layers.torch_layer import batchnorm_from_torch
+
+        return batchnorm_from_torch(cls, module)
 
     def to_torch(self, dim: int | None = None, *, strict: bool = True) -> nn.modules.batchnorm._BatchNorm:
         """A ``torch.nn.BatchNorm{dim}d`` with this layer's configuration, state, mode and ``requires_grad``.
@@ -877,51 +851,9 @@ class BatchNorm(nn.Module):
             >>> type(BatchNorm(4).to_torch(dim=1)).__name__
             'BatchNorm1d'
         """
-        if dim is None:
-            dim = {2: 1, 3: 1, 4: 2, 5: 3}.get(self._seen_dim) or getattr(self, "torch_dim", None) or 2
-        classes = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-        if dim not in classes:
-            raise ValueError(f"{self.label()}: to_torch(dim=...) must be 1, 2 or 3. Received: {dim}")
-        problems = []
-        if self.axis != 1:
-            problems.append(f"channel axis {self.axis} (torch needs 1; permute the input)")
-        if not self.unbiased_running_var:
-            problems.append("biased running variance")
-        if self.keras_momentum is not None:
-            problems.append("Keras momentum update formula")
-        if self.virtual_batch_size is not None:
-            problems.append("ghost batches")
-        if self.renorm is not None:
-            problems.append("renorm")
-        if self.weight is None and self.bias is not None:
-            problems.append("beta without gamma (gamma would be added as a frozen 1)")
-        if problems and strict:
-            raise ValueError(
-                f"{self.label()}: torch.nn.BatchNorm cannot express {', '.join(problems)}; "
-                "pass strict=False to convert anyway (inference output is unchanged)"
-            )
-        ref = self.weight if self.weight is not None else self.running_mean
-        extra = {} if self.bias is not None or self.weight is None else {"bias": False}
-        module = classes[dim](
-            self.num_features,
-            eps=self.eps,
-            momentum=self.momentum,
-            affine=self.weight is not None or self.bias is not None,
-            **extra,
-            track_running_stats=self.track_running_stats,
-            device=None if ref is None else ref.device,
-            dtype=None if ref is None else ref.dtype,
-        )
-        state = {k: v for k, v in self.state_dict().items() if k not in ("running_std", "renorm_mean", "renorm_std")}
-        if self.weight is None and self.bias is not None:
-            module.weight.requires_grad_(False)  # the frozen 1 that stands in for Keras's scale=False
-            state["weight"] = module.weight.detach().clone()
-        module.load_state_dict(state)
-        for mine, theirs in ((self.weight, module.weight), (self.bias, module.bias)):
-            if mine is not None and theirs is not None:
-                theirs.requires_grad_(mine.requires_grad)
-        module.train(self.training)
-        return module
+        from bnkit.layers.torch_layer import batchnorm_to_torch
+
+        return batchnorm_to_torch(self, dim, strict=strict)
 
     @classmethod
     def from_keras(
@@ -950,27 +882,21 @@ class BatchNorm(nn.Module):
             >>> bn.eps, round(bn.momentum, 6), bn.keras_momentum, bn.axis, bn.unbiased_running_var
             (0.001, 0.01, 0.99, -1, False)
         """
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(
-                f"BatchNorm.from_keras: momentum is Keras's (weight of the OLD value, default 0.99) and must be "
-                f"in [0, 1]. Received: momentum={momentum}"
-            )
-        layer = cls(
+        from bnkit.layers.keras_layer import batchnorm_from_keras_config
+
+        return batchnorm_from_keras_config(
+            cls,
             num_features,
-            eps=epsilon,
-            momentum=1.0 - float(momentum),
-            affine=center or scale,
+            momentum=momentum,
+            epsilon=epsilon,
             axis=axis,
-            unbiased_running_var=False,
-            renorm=Renorm.from_keras(renorm_clipping, renorm_momentum) if renorm else None,
+            center=center,
+            scale=scale,
+            renorm=renorm,
+            renorm_clipping=renorm_clipping,
+            renorm_momentum=renorm_momentum,
             **kwargs,
         )
-        layer.keras_momentum = float(momentum)
-        if not scale and layer.weight is not None:
-            layer.register_parameter("weight", None)
-        if not center and layer.bias is not None:
-            layer.register_parameter("bias", None)
-        return layer
 
     @classmethod
     def from_keras_layer(cls, layer: Any, axis: int | None = None) -> BatchNorm:
