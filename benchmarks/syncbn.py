@@ -155,7 +155,10 @@ def _summarise(times: dict[str, list[float]], result: dict[str, Any], prefix: st
 def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=120),
     )
     base, variants = _variants(cfg["width"])

@@ -110,8 +110,16 @@ def _expected(entry: dict) -> dict[str, float]:
     }
 
 
-def _train(model: nn.Module, steps: int, monitor: Monitor | None = None, oracle: _Oracle | None = None,
-           shape=(8, 3, 9, 9), seed: int = 1, scale: float = 1.0, shift: float = 0.0) -> None:
+def _train(
+    model: nn.Module,
+    steps: int,
+    monitor: Monitor | None = None,
+    oracle: _Oracle | None = None,
+    shape=(8, 3, 9, 9),
+    seed: int = 1,
+    scale: float = 1.0,
+    shift: float = 0.0,
+) -> None:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(steps):
@@ -221,8 +229,14 @@ def test_bnkit_batchnorm_channels_last_axis_and_mask() -> None:
 @pytest.mark.parametrize("offset", [0.0, 3.0, 1e3, 1e5])
 @pytest.mark.parametrize(
     ("shape", "axis", "layout"),
-    [((8, 5, 4, 4), 1, "contiguous"), ((8, 5, 6, 6), 1, "channels_last"), ((16, 5), 1, "contiguous"),
-     ((8, 3, 40), 1, "contiguous"), ((4, 6, 6, 5), 3, "contiguous"), ((4, 6, 3, 3, 3), 1, "permuted")],
+    [
+        ((8, 5, 4, 4), 1, "contiguous"),
+        ((8, 5, 6, 6), 1, "channels_last"),
+        ((16, 5), 1, "contiguous"),
+        ((8, 3, 40), 1, "contiguous"),
+        ((4, 6, 6, 5), 3, "contiguous"),
+        ((4, 6, 3, 3, 3), 1, "permuted"),
+    ],
 )
 def test_cpu_moments_are_accurate(shape, axis, layout, offset) -> None:
     gen = torch.Generator().manual_seed(3)
@@ -264,7 +278,11 @@ def test_dead_channels_fraction() -> None:
 
 def test_uses_batch_stats_reflects_eval_freeze_and_bnkit_switches() -> None:
     model = nn.Sequential(
-        nn.Linear(3, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4), nn.BatchNorm1d(4), bnkit.BatchNorm(4),
+        nn.Linear(3, 4),
+        nn.BatchNorm1d(4),
+        nn.BatchNorm1d(4),
+        nn.BatchNorm1d(4),
+        bnkit.BatchNorm(4),
         nn.BatchNorm1d(4, track_running_stats=False),
     ).train()
     model[2].eval()  # an eval layer inside a training model: running statistics
@@ -456,11 +474,23 @@ def test_jsonl_content_and_meta(tmp_path: Path) -> None:
     (meta,) = log["meta"]
     assert meta["every"] == 2 and meta["version"] == 1
     assert [(x["name"], x["type"], x["channels"], x["eps"]) for x in meta["layers"]] == [
-        ("1", "BatchNorm2d", 4, 1e-5), ("4", "BatchNorm2d", 6, 1e-5), ("7", "BatchNorm1d", 5, 1e-5)]
+        ("1", "BatchNorm2d", 4, 1e-5),
+        ("4", "BatchNorm2d", 6, 1e-5),
+        ("7", "BatchNorm1d", 5, 1e-5),
+    ]
     assert meta["thresholds"]["drift"] == 1.0
     record = log["stats"][0]
-    assert set(record) == {"kind", "step", "time", "layer", "uses_batch_stats", "channels", "count",
-                           "num_batches_tracked", *QUANTITIES}
+    assert set(record) == {
+        "kind",
+        "step",
+        "time",
+        "layer",
+        "uses_batch_stats",
+        "channels",
+        "count",
+        "num_batches_tracked",
+        *QUANTITIES,
+    }
     assert [r["step"] for r in log["stats"]] == [0, 0, 0, 2, 2, 2]
     assert monitor.history == []  # written to disk, not kept in memory by default
 

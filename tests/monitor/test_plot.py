@@ -106,8 +106,9 @@ def test_cli_handler_and_parser(log_dir: Path, tmp_path: Path) -> None:
 
 def _bnkit(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, "-m", "bnkit", *args], capture_output=True, text=True, env=env,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "bnkit", *args], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
 
 
 def test_cli_subprocess(log_dir: Path, tmp_path: Path) -> None:
