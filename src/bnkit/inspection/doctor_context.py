@@ -22,7 +22,12 @@ __all__ = ["Context", "Rule", "Trace", "batchnorms_of", "context_of", "trace_exa
 
 @dataclass
 class Trace:
-    """What one forward pass on the example inputs showed, per BN layer name."""
+    """What one forward pass on the example inputs showed, per BN layer name (see :func:`trace_example`).
+
+    Example:
+        >>> Trace().calls
+        {}
+    """
 
     calls: dict[str, int] = field(default_factory=dict)
     batch: dict[str, int] = field(default_factory=dict)
