@@ -86,6 +86,13 @@ class PreActBlock(nn.Module):
         return self.conv2(self.na2(self.conv1(out))) + skip
 
 
+def _projection(variant: str, cin: int, cout: int, stride: int) -> nn.Module | None:
+    """A post-activation block's shortcut: 1x1 conv + norm when the shape changes, else None (identity)."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(_conv(cin, cout, 1, stride), norm_act(variant, cout, "identity"))
+
+
 class PostActBlock(nn.Module):
     def __init__(self, variant: str, cin: int, cout: int, stride: int) -> None:
         super().__init__()
@@ -93,11 +100,7 @@ class PostActBlock(nn.Module):
         self.na1 = norm_act(variant, cout, "relu")
         self.conv2 = _conv(cout, cout)
         self.n2 = norm_act(variant, cout, "identity")
-        self.shortcut = (
-            nn.Sequential(_conv(cin, cout, 1, stride), norm_act(variant, cout, "identity"))
-            if stride != 1 or cin != cout
-            else None
-        )
+        self.shortcut = _projection(variant, cin, cout, stride)
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,11 +118,7 @@ class Bottleneck(nn.Module):
         self.na2 = norm_act(variant, width, "relu")
         self.conv3 = _conv(width, cout, 1)
         self.n3 = norm_act(variant, cout, "identity")
-        self.shortcut = (
-            nn.Sequential(_conv(cin, cout, 1, stride), norm_act(variant, cout, "identity"))
-            if stride != 1 or cin != cout
-            else None
-        )
+        self.shortcut = _projection(variant, cin, cout, stride)
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
