@@ -882,21 +882,27 @@ class BatchNorm(nn.Module):
             >>> bn.eps, round(bn.momentum, 6), bn.keras_momentum, bn.axis, bn.unbiased_running_var
             (0.001, 0.01, 0.99, -1, False)
         """
-        from bnkit.layers.keras_layer import batchnorm_from_keras_config
-
-        return batchnorm_from_keras_config(
-            cls,
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(
+                f"BatchNorm.from_keras: momentum is Keras's (weight of the OLD value, default 0.99) and must be "
+                f"in [0, 1]. Received: momentum={momentum}"
+            )
+        layer = cls(
             num_features,
-            momentum=momentum,
-            epsilon=epsilon,
+            eps=epsilon,
+            momentum=1.0 - float(momentum),
+            affine=center or scale,
             axis=axis,
-            center=center,
-            scale=scale,
-            renorm=renorm,
-            renorm_clipping=renorm_clipping,
-            renorm_momentum=renorm_momentum,
+            unbiased_running_var=False,
+            renorm=Renorm.from_keras(renorm_clipping, renorm_momentum) if renorm else None,
             **kwargs,
         )
+        layer.keras_momentum = float(momentum)
+        if not scale and layer.weight is not None:
+            layer.register_parameter("weight", None)
+        if not center and layer.bias is not None:
+            layer.register_parameter("bias", None)
+        return layer
 
     @classmethod
     def from_keras_layer(cls, layer: Any, axis: int | None = None) -> BatchNorm:

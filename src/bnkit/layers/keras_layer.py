@@ -21,12 +21,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from bnkit.layers.renorm import Renorm
-
 if TYPE_CHECKING:
     from bnkit.layers.batchnorm import BatchNorm
 
-__all__ = ["batchnorm_from_keras_config", "batchnorm_from_keras_layer", "batchnorm_to_keras_layer"]
+__all__ = ["batchnorm_from_keras_layer", "batchnorm_to_keras_layer"]
 
 _RENORM_WEIGHTS = (("running_std", "moving_stddev"), ("renorm_mean", "renorm_mean"), ("renorm_std", "renorm_stddev"))
 
@@ -193,48 +191,4 @@ def batchnorm_to_keras_layer(bn: BatchNorm, input_rank: int | None = None, *, st
         getattr(layer, name).assign(tensor.detach().cpu().float().numpy())
     if bn.freeze_stats and bn.freeze_affine:
         layer.trainable = False
-    return layer
-
-
-def batchnorm_from_keras_config(
-    cls: type[BatchNorm],
-    num_features: int,
-    momentum: float = 0.99,
-    epsilon: float = 1e-3,
-    axis: int = -1,
-    center: bool = True,
-    scale: bool = True,
-    renorm: bool = False,
-    renorm_clipping: dict | None = None,
-    renorm_momentum: float = 0.99,
-    **kwargs: Any,
-) -> BatchNorm:
-    """A ``cls`` that behaves as Keras 3's ``BatchNormalization`` with these arguments (see
-    :meth:`BatchNorm.from_keras`; Keras itself is not needed).
-
-    Example:
-        >>> from bnkit import BatchNorm
-        >>> batchnorm_from_keras_config(BatchNorm, 8, center=False).bias is None
-        True
-    """
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(
-            f"BatchNorm.from_keras: momentum is Keras's (weight of the OLD value, default 0.99) and must be "
-            f"in [0, 1]. Received: momentum={momentum}"
-        )
-    layer = cls(
-        num_features,
-        eps=epsilon,
-        momentum=1.0 - float(momentum),
-        affine=center or scale,
-        axis=axis,
-        unbiased_running_var=False,
-        renorm=Renorm.from_keras(renorm_clipping, renorm_momentum) if renorm else None,
-        **kwargs,
-    )
-    layer.keras_momentum = float(momentum)
-    if not scale and layer.weight is not None:
-        layer.register_parameter("weight", None)
-    if not center and layer.bias is not None:
-        layer.register_parameter("bias", None)
     return layer
