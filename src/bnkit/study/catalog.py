@@ -22,6 +22,7 @@ __all__ = [
     "POLICY_INFO",
     "FinetuneSettings",
     "PolicyInfo",
+    "check_design",
     "policy_title",
     "resolve_policy",
 ]
@@ -150,3 +151,27 @@ def resolve_policy(policy: str) -> str:
         if str(p.number) == str(policy).strip():
             return key
     raise ValueError(f"unknown policy {policy!r}: choose from {', '.join(POLICY_INFO)} (or their numbers 0-6)")
+
+
+def check_design(
+    seeds: tuple[int, ...], domains: tuple[str, ...], policies: tuple[str, ...], sizes: dict[str, int]
+) -> tuple[str, ...]:
+    """The checks both studies make of their design; returns the policies as keys (numbers resolved, deduplicated).
+
+    Raises:
+        ValueError: no seed, an unknown domain or policy, or a size (``sizes``: name -> value) below 1.
+
+    Example:
+        >>> check_design((0,), ("blur",), ("3", "all"), {"finetune.epochs": 30})
+        ('all',)
+    """
+    if not seeds:
+        raise ValueError("bnkit study: give at least one seed (e.g. --seeds 0 1 2)")
+    unknown = [d for d in domains if d not in DOMAIN_NAMES]
+    if unknown:
+        raise ValueError(f"bnkit study: unknown domain(s) {', '.join(unknown)}; choose from {', '.join(DOMAIN_NAMES)}")
+    resolved = tuple(dict.fromkeys(resolve_policy(p) for p in policies))
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"bnkit study: {name} must be >= 1, got {value}")
+    return resolved

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from bnkit.study.catalog import DOMAIN_NAMES, POLICY_INFO, FinetuneSettings, resolve_policy
+from bnkit.study.catalog import DOMAIN_NAMES, POLICY_INFO, FinetuneSettings, check_design
 from bnkit.study.keras_data import make_domain, make_splits
 from bnkit.study.keras_report import conclude_keras, write_keras_outputs
 from bnkit.study.report import summarize
@@ -110,25 +110,17 @@ def validate_keras_config(cfg: KerasStudyConfig) -> KerasStudyConfig:
         >>> validate_keras_config(KerasStudyConfig(policies=("3",))).policies
         ('all',)
     """
-    if not cfg.seeds:
-        raise ValueError("bnkit study: give at least one seed (e.g. --seeds 0 1 2)")
-    unknown = [d for d in cfg.domains if d not in DOMAIN_NAMES]
-    if unknown or not cfg.domains:
-        raise ValueError(
-            f"bnkit study: unknown or no domain(s) {', '.join(unknown)}; choose from {', '.join(DOMAIN_NAMES)}"
-        )
-    policies = tuple(dict.fromkeys(resolve_policy(p) for p in cfg.policies))
-    if not policies:
-        raise ValueError(f"bnkit study: give at least one policy of {', '.join(POLICY_INFO)}")
     sizes = {
         "source_epochs": cfg.source_epochs,
         "target_per_class": cfg.target_per_class,
         "finetune.epochs": cfg.finetune.epochs,
         "finetune.batch_size": cfg.finetune.batch_size,
     }
-    for name, value in sizes.items():
-        if value < 1:
-            raise ValueError(f"bnkit study: {name} must be >= 1, got {value}")
+    policies = check_design(cfg.seeds, cfg.domains, cfg.policies, sizes)
+    if not cfg.domains:
+        raise ValueError(f"bnkit study: give at least one domain of {', '.join(DOMAIN_NAMES)}")
+    if not policies:
+        raise ValueError(f"bnkit study: give at least one policy of {', '.join(POLICY_INFO)}")
     if not 0.0 <= cfg.momentum < 1.0:
         raise ValueError(f"bnkit study: momentum must be in [0, 1) (Keras convention), got {cfg.momentum}")
     return replace(cfg, policies=policies, seeds=tuple(int(s) for s in cfg.seeds))

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bnkit.study.data import DOMAINS
+from bnkit.study.catalog import check_design
 from bnkit.study.experiments import (
     BATCH_NORMS,
     StudyConfig,
@@ -37,7 +37,7 @@ from bnkit.study.experiments import (
     finetune_seed,
     trained_batch_norms,
 )
-from bnkit.study.policies import POLICIES, resolve_policy
+from bnkit.study.policies import POLICIES
 from bnkit.study.report import conclude, latency_summary, summarize, write_outputs
 
 __all__ = ["deterministic", "run_study", "validate_config"]
@@ -91,15 +91,6 @@ def validate_config(cfg: StudyConfig) -> StudyConfig:
     """
     from dataclasses import replace
 
-    if not cfg.seeds:
-        raise ValueError("bnkit study: give at least one seed (e.g. --seeds 0 1 2)")
-    unknown = [d for d in cfg.domains if d not in DOMAINS]
-    if unknown:
-        raise ValueError(f"bnkit study: unknown domain(s) {', '.join(unknown)}; choose from {', '.join(DOMAINS)}")
-    policies = tuple(dict.fromkeys(resolve_policy(p) for p in cfg.policies))
-    norms = [n for n in cfg.batch_norms if n not in BATCH_NORMS]
-    if norms:
-        raise ValueError(f"bnkit study: unknown norm(s) {', '.join(norms)}; choose from {', '.join(BATCH_NORMS)}")
     sizes = {
         "source_epochs": cfg.source_epochs,
         "batch_epochs": cfg.batch_epochs,
@@ -108,9 +99,10 @@ def validate_config(cfg: StudyConfig) -> StudyConfig:
         "finetune.epochs": cfg.finetune.epochs,
         "finetune.batch_size": cfg.finetune.batch_size,
     }
-    for name, value in sizes.items():
-        if value < 1:
-            raise ValueError(f"bnkit study: {name} must be >= 1, got {value}")
+    policies = check_design(cfg.seeds, cfg.domains, cfg.policies, sizes)
+    norms = [n for n in cfg.batch_norms if n not in BATCH_NORMS]
+    if norms:
+        raise ValueError(f"bnkit study: unknown norm(s) {', '.join(norms)}; choose from {', '.join(BATCH_NORMS)}")
     bad_sizes = [b for b in cfg.batch_sizes if b < 2]
     if bad_sizes:
         raise ValueError(f"bnkit study: batch sizes must be >= 2 (BatchNorm needs 2 samples), got {bad_sizes}")
