@@ -12,7 +12,7 @@ on; anything else stops the search, so no guess is made across a reshape.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -166,21 +166,22 @@ def _fixed(root: nn.Module, node: fx.Node) -> int | None:
     return module_dim(root.get_submodule(node.target))
 
 
-def _from_producers(root: nn.Module, node: fx.Node, hops: int) -> int | None:
-    for arg in _tensor_args(node)[:1] if node.op == "call_module" else _tensor_args(node):
-        found = _fixed(root, arg)
-        if found is None and hops < _MAX_HOPS and _passes(root, arg):
-            found = _from_producers(root, arg, hops + 1)
-        if found is not None:
-            return found
-    return None
+def _producers(node: fx.Node) -> list[fx.Node]:
+    # a module's rank is decided by its input; a function's or method's by any tensor argument
+    return _tensor_args(node)[:1] if node.op == "call_module" else _tensor_args(node)
 
 
-def _from_consumers(root: nn.Module, node: fx.Node, hops: int) -> int | None:
-    for user in node.users:
-        found = _fixed(root, user)
-        if found is None and hops < _MAX_HOPS and _passes(root, user):
-            found = _from_consumers(root, user, hops + 1)
+def _consumers(node: fx.Node) -> list[fx.Node]:
+    return list(node.users)
+
+
+def _search(root: nn.Module, node: fx.Node, hops: int, step: Callable[[fx.Node], list[fx.Node]]) -> int | None:
+    """The rank fixed by the nearest module ``step`` reaches from ``node`` (producers or consumers), through
+    rank-preserving nodes, at most ``_MAX_HOPS`` away."""
+    for other in step(node):
+        found = _fixed(root, other)
+        if found is None and hops < _MAX_HOPS and _passes(root, other):
+            found = _search(root, other, hops + 1, step)
         if found is not None:
             return found
     return None
@@ -198,7 +199,7 @@ def _graph_dims(root: nn.Module, wanted: dict[int, nn.Module], dims: dict[int, i
                 continue
             module = root.get_submodule(node.target)
             if id(module) in wanted and id(module) not in dims:
-                found = _from_producers(root, node, 0) or _from_consumers(root, node, 0)
+                found = _search(root, node, 0, _producers) or _search(root, node, 0, _consumers)
                 if found is not None:
                     dims[id(module)] = found
         if all(key in dims for key in wanted):
