@@ -173,9 +173,7 @@ def error_line(prog: str, message: str, stream: IO[str] | None = None) -> None:
         >>> import io; s = io.StringIO(); error_line("bnkit", "bad\\nthing", s); s.getvalue()
         'bnkit: error: bad thing\\n'
     """
-    stream = stream if stream is not None else sys.stderr
-    flat = " ".join(message.split())
-    stream.write(f"{prog}: error: {flat}\n")
+    _one_line(prog, "error", message, stream)
 
 
 def note_line(prog: str, message: str, stream: IO[str] | None = None) -> None:
@@ -186,9 +184,13 @@ def note_line(prog: str, message: str, stream: IO[str] | None = None) -> None:
         >>> import io; s = io.StringIO(); note_line("bnkit doctor", "put the model\\nin eval mode", s); s.getvalue()
         'bnkit doctor: note: put the model in eval mode\\n'
     """
+    _one_line(prog, "note", message, stream)
+
+
+def _one_line(prog: str, kind: str, message: str, stream: IO[str] | None) -> None:
     stream = stream if stream is not None else sys.stderr
     flat = " ".join(message.split())
-    stream.write(f"{prog}: note: {flat}\n")
+    stream.write(f"{prog}: {kind}: {flat}\n")
 
 
 def progress(items: Iterable[Any], total: int | None, description: str) -> Iterator[Any]:
