@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from bnkit.layers.batchnorm import BatchNorm
+from bnkit.layers.torch_layer import copy_grad_flags
 
 __all__ = ["ACTIVATIONS", "BatchNormAct"]
 
@@ -424,9 +425,7 @@ class BatchNormAct(BatchNorm):
         if base.bias is None and layer.bias is not None:
             layer.register_parameter("bias", None)
         layer.load_state_dict(base.state_dict())
-        for mine, theirs in ((layer.weight, base.weight), (layer.bias, base.bias)):
-            if mine is not None and theirs is not None:
-                mine.requires_grad_(theirs.requires_grad)
+        copy_grad_flags(base, layer)
         layer.train(module.training)
         layer.source_class = f"{type(module).__module__}.{type(module).__qualname__}"
         return layer

@@ -15,7 +15,7 @@ from torch import nn
 if TYPE_CHECKING:
     from bnkit.layers.batchnorm import BatchNorm
 
-__all__ = ["batchnorm_from_torch", "batchnorm_to_torch"]
+__all__ = ["batchnorm_from_torch", "batchnorm_to_torch", "copy_grad_flags"]
 
 
 def batchnorm_from_torch(cls: type[BatchNorm], module: nn.Module) -> BatchNorm:
@@ -45,9 +45,7 @@ def batchnorm_from_torch(cls: type[BatchNorm], module: nn.Module) -> BatchNorm:
     if module.affine and module.bias is None:  # torch >= 2.13 BatchNorm(bias=False)
         layer.register_parameter("bias", None)
     layer.load_state_dict(module.state_dict())
-    for mine, theirs in ((layer.weight, module.weight), (layer.bias, module.bias)):
-        if mine is not None and theirs is not None:
-            mine.requires_grad_(theirs.requires_grad)
+    copy_grad_flags(module, layer)
     layer.train(module.training)
     for dim, torch_class in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
         if isinstance(module, torch_class):
@@ -105,8 +103,20 @@ def batchnorm_to_torch(
         module.weight.requires_grad_(False)  # the frozen 1 that stands in for Keras's scale=False
         state["weight"] = module.weight.detach().clone()
     module.load_state_dict(state)
-    for mine, theirs in ((layer.weight, module.weight), (layer.bias, module.bias)):
-        if mine is not None and theirs is not None:
-            theirs.requires_grad_(mine.requires_grad)
+    copy_grad_flags(layer, module)
     module.train(layer.training)
     return module
+
+
+def copy_grad_flags(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst``'s gamma and beta the ``requires_grad`` of ``src``'s (where both are parameters).
+
+    Example:
+        >>> src, dst = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+        >>> _ = src.weight.requires_grad_(False); copy_grad_flags(src, dst); dst.weight.requires_grad
+        False
+    """
+    for attr in ("weight", "bias"):
+        mine, theirs = getattr(src, attr, None), getattr(dst, attr, None)
+        if isinstance(mine, nn.Parameter) and isinstance(theirs, nn.Parameter):
+            theirs.requires_grad_(mine.requires_grad)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bnkit.layers.kinds import describe_batchnorm
+from bnkit.layers.torch_layer import copy_grad_flags
 from bnkit.tools.freeze import _set_stats, is_frozen_affine, is_frozen_stats
 from bnkit.tools.model_edit import bnkit_batchnorm_class, is_bnkit_batchnorm
 
@@ -103,13 +104,6 @@ def _factory(module: nn.Module) -> dict[str, Any]:
     return {"device": ref.device, "dtype": ref.dtype if ref.is_floating_point() else None}
 
 
-def _copy_grad_flags(src: nn.Module, dst: nn.Module) -> None:
-    for attr in ("weight", "bias"):
-        mine, theirs = getattr(src, attr, None), getattr(dst, attr, None)
-        if isinstance(mine, nn.Parameter) and isinstance(theirs, nn.Parameter):
-            theirs.requires_grad_(mine.requires_grad)
-
-
 def _carry_freeze(src: nn.Module, dst: nn.Module) -> None:
     """A frozen layer stays frozen in its new form (hooks for torch layers, switches for bnkit)."""
     stats, affine = is_frozen_stats(src), is_frozen_affine(src)
@@ -121,7 +115,7 @@ def _carry_freeze(src: nn.Module, dst: nn.Module) -> None:
         if stats and getattr(dst, "running_mean", None) is not None:
             _set_stats(dst, True)
         if affine:
-            _copy_grad_flags(src, dst)
+            copy_grad_flags(src, dst)
 
 
 def _move_act(src: nn.Module, dst: nn.Module) -> nn.Module:
@@ -149,7 +143,7 @@ def _torch_from_torch(module: nn.Module, cls: type[nn.Module], **extra: Any) -> 
         new.register_parameter("bias", None)
     _move_act(module, new)
     new.load_state_dict(module.state_dict())
-    _copy_grad_flags(module, new)
+    copy_grad_flags(module, new)
     new.train(module.training)
     _carry_freeze(module, new)
     return new
@@ -371,7 +365,7 @@ def to_group(
                 new.weight.requires_grad_(False)
             if module.bias is not None:
                 new.bias.copy_(module.bias)
-        _copy_grad_flags(module, new)
+        copy_grad_flags(module, new)
     new.train(module.training)
     return new
 
